@@ -109,6 +109,13 @@ def load_model(source, cfg):
     return model, tokenizer, warning
 
 
+def prepare_tokenizer(tokenizer, family):
+    """The family's chat template, and a pad token where the model has none (Mistral): pads never carry loss."""
+    tokenizer.chat_template = family.chat_template()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token
+
+
 def linear_names(model):
     """Last name components of the model's Linear layers (4-bit ones included), lm_head excluded."""
     names = set()

@@ -170,9 +170,7 @@ def run(family_name, argv=None, callbacks=()):
     model, tokenizer, dtype_warning = modeling.load_model(source, cfg)
     if dtype_warning:
         print(f"warning: {dtype_warning}", file=sys.stderr)
-    tokenizer.chat_template = family.chat_template()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token  # Mistral has no pad token; pads never carry loss
+    modeling.prepare_tokenizer(tokenizer, family)
     train_ex, eval_ex = split_examples(examples, cfg)
     train_rows, train_stats = tokenize_examples(train_ex, tokenizer, family, cfg, system_prompt)
     eval_rows, eval_stats = tokenize_examples(eval_ex, tokenizer, family, cfg, system_prompt)

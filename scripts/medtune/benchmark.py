@@ -1,0 +1,243 @@
+"""GPU training benchmark: this project's defaults against a plain transformers + PEFT QLoRA baseline and
+the Unsloth notebook configuration, on full-size random-weight Phi-3-mini / Mistral-7B built locally.
+
+    python scripts/benchmark.py                               # both models, all measurements
+    python scripts/benchmark.py --models phi3 --steps 20 --out checkpoints/benchmark
+    python scripts/benchmark.py --models mistral --skip budget,tuning
+
+Each measurement runs in its own process (medtune.bench_worker). Results go to OUT/benchmark.json
+(models not measured this time are kept from an existing file there) and to BENCHMARKS.md.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from medtune.config import REPO_ROOT, TrainConfig
+from medtune.errors import UserError
+from medtune.families import FAMILIES
+from medtune.perf import medical_o1_lengths, parameter_count, prompt_length, synthetic_rows
+from medtune.perf_report import check_targets, render_markdown, summary_table
+
+SETUPS = ("ours", "baseline", "notebook")
+PARTS = ("compare", "tuning", "budget")
+T4_CAP_BYTES = 15 * 10**9  # "15 GB": what Colab shows for a T4
+# Length ladders for the longest-sequence search, up to each model's context window.
+LADDERS = {"phi3": [2048, 3072, 4096], "mistral": [2048, 4096, 6144, 8192, 12288, 16384, 24576, 32768]}
+# Each tuning step against the defaults before it (the first entry: the defaults of the training issue).
+TUNING = [
+    ("batch 2 x grad-accum 4 (previous default)", {"batch_size": 2, "grad_accum": 4}, {}),
+    ("batch 4 x grad-accum 2", {"batch_size": 4, "grad_accum": 2}, {}),
+    ("batch 8 x grad-accum 1", {"batch_size": 8, "grad_accum": 1}, {}),
+]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="scripts/benchmark.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="phi3,mistral", help="comma-separated: phi3, mistral (default: both)")
+    p.add_argument("--steps", type=int, default=20, help="measured optimizer steps per configuration (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the measurement (default 5, at least 5)")
+    p.add_argument("--out", default="checkpoints/benchmark", help="folder for benchmark.json, logs and models")
+    p.add_argument("--models-dir", help="where the random-weight 4-bit models are built and kept (default OUT/models)")
+    p.add_argument("--skip", default="", help=f"parts to leave out: {', '.join(PARTS)}")
+    p.add_argument("--lengths-from", metavar="DATASET",
+                   help="draw row lengths from this dataset tokenized as training does (a Hub id or local file) "
+                        "instead of the built-in medical-o1 length model")
+    p.add_argument("--markdown", default=str(REPO_ROOT / "BENCHMARKS.md"), help="report to (re)write")
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: rewrite the report from OUT/benchmark.json (no GPU needed)")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # 2-layer models: tests of the plumbing
+    args = p.parse_args(argv)
+    problems = []
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in args.models if m not in FAMILIES]
+    if bad or not args.models:
+        problems.append(f"--models must name some of {', '.join(FAMILIES)}, got {', '.join(bad) or 'nothing'}.")
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.skip - set(PARTS):
+        problems.append(f"--skip takes {', '.join(PARTS)}, got {', '.join(sorted(args.skip - set(PARTS)))}.")
+    if args.steps < 2:
+        problems.append(f"--steps must be at least 2, got {args.steps}.")
+    if args.warmup < 5:
+        problems.append(f"--warmup must be at least 5 (the first steps compile kernels), got {args.warmup}.")
+    if problems:
+        raise UserError(" ".join(problems))
+    return args
+
+
+def require_gpu():
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("MEDTUNE_BENCH_ALLOW_CPU") == "1":
+        return
+    raise UserError("scripts/benchmark.py measures training speed and memory on a CUDA GPU, and this machine has "
+                    "none (torch.cuda.is_available() is False). Run it where an NVIDIA GPU is visible, e.g. Colab "
+                    "with Runtime > Change runtime type > T4 GPU. To check the training path on a CPU, run "
+                    "python scripts/train_phi.py --smoke instead.")
+
+
+class Runner:
+    """Starts each job in its own Python process and keeps its log."""
+
+    def __init__(self, out):
+        self.out = out
+        self.n = 0
+
+    def __call__(self, job, label, **spec):
+        self.n += 1
+        stem = self.out / "logs" / f"{self.n:02d}-{label}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        spec_path, result_path, log_path = (stem.with_suffix(s) for s in (".spec.json", ".result.json", ".log"))
+        spec_path.write_text(json.dumps({"job": job, **spec}))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT / "scripts"),
+                                                                        os.environ.get("PYTHONPATH")])),
+               "PYTHONUNBUFFERED": "1", "UNSLOTH_SKIP_TORCHVISION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
+        started = time.perf_counter()
+        print(f"  {label} ...", flush=True)
+        with log_path.open("w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "medtune.bench_worker", str(spec_path), str(result_path)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            for line in proc.stdout:
+                log.write(line)
+                if line.startswith("[") or "Error" in line:
+                    print("    " + line.rstrip(), flush=True)
+            proc.wait()
+        took = time.perf_counter() - started
+        if proc.returncode or not result_path.is_file():
+            tail = log_path.read_text().splitlines()[-15:]
+            print(f"    failed after {took:.0f} s (exit {proc.returncode}); log {log_path}:\n      "
+                  + "\n      ".join(tail), flush=True)
+            return {"error": f"exit {proc.returncode}", "log": str(log_path)}
+        result = json.loads(result_path.read_text())
+        speed = (f": {result['tokens_per_s']:,.0f} tokens/s, {result['s_per_step']:.2f} s/step, peak reserved "
+                 f"{result['peak_reserved_gib']} GiB" if result.get("tokens_per_s") else "")
+        print(f"    done in {took:.0f} s{speed}", flush=True)
+        return result
+
+
+def dataset_lengths(dataset, family, max_len):
+    """[(tokens, prompt tokens)] of every row of a dataset rendered and tokenized as training does it,
+    with the family's real tokenizer (rows over max_len dropped, as training drops them)."""
+    from transformers import AutoTokenizer
+
+    from medtune.data import load_rows, to_examples, tokenize_examples
+    from medtune.offline_tokenizers import tokenizer_dir
+
+    cfg = TrainConfig(dataset=dataset, max_seq_length=max_len)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(family))
+    fam = FAMILIES[family]
+    tokenizer.chat_template = fam.chat_template()
+    system_prompt = (REPO_ROOT / cfg.system_prompt_file).read_text().strip()
+    rows, _ = tokenize_examples(to_examples(load_rows(cfg), dataset), tokenizer, fam, cfg, system_prompt)
+    if not rows:
+        raise UserError(f"--lengths-from {dataset}: no row fits in {max_len} tokens; pass a dataset of training rows.")
+    return [(len(r["input_ids"]), sum(1 for x in r["labels"] if x == -100)) for r in rows]
+
+
+def _measured(run):
+    return bool(run and run.get("tokens_per_s"))
+
+
+def lengths_for(args, family, n):
+    """(lengths, prompt lengths, description) of n training rows."""
+    if not args.lengths_from:
+        model = medical_o1_lengths(family)
+        lengths = model.sample(n, 2048, seed=0)
+        return lengths, [prompt_length(x, family) for x in lengths], (
+            f"log-normal, mean {model.mean:.0f} tokens, sigma {model.sigma} (medical-o1 length model, "
+            "see scripts/medtune/perf.py), rows over 2048 dropped")
+    import random
+
+    pairs = dataset_lengths(args.lengths_from, family, 2048)
+    rng = random.Random(0)
+    drawn = [pairs[rng.randrange(len(pairs))] for _ in range(n)]
+    return [a for a, _ in drawn], [b for _, b in drawn], f"drawn from {args.lengths_from} ({len(pairs)} rows tokenized)"
+
+
+def measure_model(args, run, family, out, results, save):
+    fam = FAMILIES[family]
+    sizes = fam.tiny_config if args.tiny else fam.full_config
+    model_dir = Path(args.models_dir or out / "models").expanduser() / f"{family}{'-tiny' if args.tiny else ''}-nf4"
+    entry = results.setdefault(family, {})
+    entry.update(title=fam.title, params=parameter_count(sizes))
+    if {"compare", "tuning"} - args.skip:  # speeds measured now: MFU against this run's matmul rate
+        entry.update(matmul=run.matmul, measured=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    if not (model_dir / "config.json").is_file():
+        built = run("build", f"{family}-build", family=family, out=str(model_dir), tiny=args.tiny)
+        if "error" in built:
+            entry["error"] = "building the random-weight model failed"
+            return
+    n_rows = (args.warmup + args.steps) * 8 + 64
+    lengths, prompts, described = lengths_for(args, family, n_rows)
+    rows_path = out / f"rows-{family}.json"
+    rows_path.write_text(json.dumps(synthetic_rows(lengths, sizes["vocab_size"], seed=1, prompt_lengths=prompts)))
+    entry["lengths"] = {"description": described, "mean": round(sum(lengths) / len(lengths), 1),
+                        "max": max(lengths), "min": min(lengths)}
+    common = dict(family=family, model=str(model_dir), rows=str(rows_path), steps=args.steps, warmup=args.warmup)
+    if "compare" not in args.skip:
+        entry["runs"] = {}
+        for setup in SETUPS:
+            entry["runs"][setup] = run("train", f"{family}-{setup}", setup=setup, **common)
+            save()
+    if "tuning" not in args.skip:
+        entry["tuning"] = []
+        defaults = TrainConfig()
+        for name, overrides, env in TUNING:
+            current = not env and all(getattr(defaults, k) == v for k, v in overrides.items())
+            if current and _measured(entry.get("runs", {}).get("ours")):
+                r = entry["runs"]["ours"]  # this change is the current default: measured above as (a)
+            else:
+                r = run("train", f"{family}-tune", setup="ours", overrides=overrides, env=env, **common)
+            entry["tuning"].append({"change": name, "overrides": overrides, "env": env, **r})
+            save()
+    if "budget" not in args.skip:
+        defaults = TrainConfig()
+        ladder = [x for x in LADDERS[family] if x <= sizes["max_position_embeddings"]]
+        entry["budget"] = run("budget", f"{family}-budget", family=family, model=str(model_dir), cap_bytes=T4_CAP_BYTES,
+                              ladder=ladder, batches=[1, 2],
+                              defaults={"batch_size": defaults.batch_size, "grad_accum": defaults.grad_accum,
+                                        "max_seq_length": defaults.max_seq_length})
+
+
+def run_benchmark(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out).expanduser()
+    json_path = out / "benchmark.json"
+    if args.report_only:
+        if not json_path.is_file():
+            raise UserError(f"--report-only rewrites the report from {json_path}, which does not exist. Pass the "
+                            "--out folder of an earlier benchmark run.")
+        return write_report(json.loads(json_path.read_text()), json_path, Path(args.markdown), out)
+    require_gpu()
+    from medtune.train import versions
+
+    out.mkdir(parents=True, exist_ok=True)
+    report = json.loads(json_path.read_text()) if json_path.is_file() else {"models": {}}
+
+    def save():  # after every measurement: a later failure keeps what was measured
+        tmp = json_path.with_name(json_path.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.rename(json_path)
+    run = Runner(out)
+    print(f"Benchmark of {', '.join(args.models)}: {args.warmup} warm-up + {args.steps} measured steps each; "
+          f"logs in {out / 'logs'}", flush=True)
+    report["matmul"] = run.matmul = run("matmul", "matmul", sizes=[256, 512] if args.tiny else [4096, 8192, 16384])
+    report.update(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), versions=versions(),
+                  gpu=report["matmul"].get("gpu"), steps=args.steps, warmup=args.warmup)
+    for family in args.models:
+        print(f"{FAMILIES[family].title}:", flush=True)
+        measure_model(args, run, family, out, report["models"], save)
+        save()
+    return write_report(report, json_path, Path(args.markdown), out)
+
+
+def write_report(report, json_path, md, out):
+    md.write_text(render_markdown(report))
+    print("\n" + summary_table(report))
+    print("\n".join(check_targets(report)))
+    print(f"\nWrote {json_path} (every number), {md} (the report) and {out / 'logs'}/ (one log per process).")
+    return report

@@ -1,0 +1,104 @@
+"""The GPU benchmark's pure pieces (no GPU, no Unsloth): the length distribution of the training data,
+synthetic token rows drawn from it, the FLOP count behind MFU, and the report.
+
+The length distribution (tokens per rendered example, system prompt and chat template included):
+- mean: medical-o1-reasoning-SFT's English split has 19,704 rows and about 56.7 MB of text (its
+  published size), about 2,880 characters of Question + Complex_CoT + Response per row. Our
+  tokenizers read this kind of English at 3.46 (Phi-3) / 3.59 (Mistral) characters per token and the
+  system prompt plus template add 83 / 79 tokens (both measured on data/medical_reasoning_sample.jsonl),
+  so a row averages about 915 (Phi-3) / 880 (Mistral) tokens.
+- shape: log-normal with sigma 0.4 in log space (an assumption: the published card gives no spread);
+  rows longer than --max-seq-length are dropped, as training drops them.
+- the prompt (system + question, no loss) is 70 tokens of template plus 23% of the text, the
+  question's share in our sample.
+Pass --lengths-from DATASET to draw from the real tokenized dataset instead.
+"""
+import json
+import math
+import random
+from dataclasses import dataclass
+
+CHARS_PER_ROW = 2880
+TEMPLATE_TOKENS = {"phi3": 83, "mistral": 79}
+CHARS_PER_TOKEN = {"phi3": 3.46, "mistral": 3.59}
+PROMPT_TEMPLATE_TOKENS = 70
+QUESTION_SHARE = 0.23
+LOG_SIGMA = 0.4
+
+
+@dataclass(frozen=True)
+class LengthModel:
+    """Log-normal lengths with the given mean (tokens), cut at the training limit by rejection."""
+    mean: float
+    sigma: float = LOG_SIGMA
+    minimum: int = 96
+
+    @property
+    def median(self):
+        return self.mean / math.exp(self.sigma ** 2 / 2)
+
+    def sample(self, n, max_len, seed):
+        rng = random.Random(seed)
+        out = []
+        while len(out) < n:
+            x = round(rng.lognormvariate(math.log(self.median), self.sigma))
+            if self.minimum <= x <= max_len:
+                out.append(x)
+        return out
+
+
+def medical_o1_lengths(family):
+    return LengthModel(mean=TEMPLATE_TOKENS[family] + CHARS_PER_ROW / CHARS_PER_TOKEN[family])
+
+
+def prompt_length(total, family):
+    """Tokens of system prompt + question in a row of `total` tokens (no loss on them)."""
+    return min(total - 1, PROMPT_TEMPLATE_TOKENS + round(QUESTION_SHARE * (total - TEMPLATE_TOKENS[family])))
+
+
+def synthetic_rows(lengths, vocab_size, seed, prompt_lengths=None, family="phi3"):
+    """{input_ids, labels} rows of the given lengths: random ordinary token ids (special ids below 3
+    and above 32000 avoided), the prompt part masked with -100 as training masks it."""
+    rng = random.Random(seed)
+    top = min(vocab_size, 32000)
+    rows = []
+    for i, n in enumerate(lengths):
+        p = prompt_lengths[i] if prompt_lengths else prompt_length(n, family)
+        ids = [1] + [rng.randrange(3, top) for _ in range(n - 1)]
+        rows.append({"input_ids": ids, "labels": [-100] * p + ids[p:]})
+    return rows
+
+
+def parameter_count(cfg):
+    """Parameters of a Llama-style decoder (Phi-3, Mistral) from its config dict, counted from the
+    shapes: 4-bit checkpoints pack two weights per byte, so counting their tensors undercounts."""
+    h, inter, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or h // heads
+    kv = cfg.get("num_key_value_heads") or heads
+    attn = h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h
+    mlp = 3 * h * inter
+    per_layer = attn + mlp + 2 * h  # two RMSNorm weights
+    embed = vocab * h
+    head = 0 if cfg.get("tie_word_embeddings") else vocab * h
+    return embed + layers * per_layer + h + head
+
+
+def model_flops_per_token(n_params):
+    """LoRA training FLOPs per token as MFU counts them: 2N forward + 2N for the input gradients of
+    the frozen weights (no weight gradients; recomputation by gradient checkpointing not counted)."""
+    return 4 * n_params
+
+
+def mfu(n_params, tokens_per_s, matmul_flops_per_s):
+    return model_flops_per_token(n_params) * tokens_per_s / matmul_flops_per_s
+
+
+def steady_state(steps, warmup):
+    """(tokens/s, s/step, steps measured) from [(step, seconds, tokens seen)] after `warmup` steps."""
+    kept = [s for s in steps if s[0] >= warmup]
+    if len(kept) < 2:
+        return None
+    (s0, t0, n0), (s1, t1, n1) = kept[0], kept[-1]
+    return {"tokens_per_s": (n1 - n0) / (t1 - t0), "s_per_step": (t1 - t0) / (s1 - s0),
+            "steps_measured": f"{s0 + 1}-{s1}"}

@@ -1,0 +1,164 @@
+"""The GPU benchmark's pieces that run without a GPU: length model, synthetic rows, FLOP count, report,
+and the script's refusal on a machine without CUDA."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import REPO
+from medtune.families import FAMILIES
+from medtune.perf import (LengthModel, medical_o1_lengths, mfu, model_flops_per_token, parameter_count,
+                          prompt_length, steady_state, synthetic_rows)
+from medtune.perf_report import check_targets, render_markdown
+
+SCRIPT = str(REPO / "scripts" / "benchmark.py")
+
+
+def test_length_model_matches_its_mean_and_the_training_limit():
+    model = medical_o1_lengths("phi3")
+    assert 900 < model.mean < 930  # 83 template tokens + 2,880 characters at 3.46 characters per token
+    lengths = model.sample(20000, 2048, seed=0)
+    assert min(lengths) >= model.minimum and max(lengths) <= 2048
+    mean = sum(lengths) / len(lengths)
+    assert abs(mean - model.mean) / model.mean < 0.03  # rows over 2048 dropped only trim the tail
+    assert sum(x > 1500 for x in lengths) > 200  # a real spread, not a constant
+    assert lengths[:50] == model.sample(20000, 2048, seed=0)[:50]
+    assert lengths[:50] != model.sample(50, 2048, seed=1)
+    assert max(LengthModel(mean=900).sample(2000, 1024, seed=0)) <= 1024
+
+
+def test_synthetic_rows_mask_the_prompt_like_training():
+    lengths = [100, 700, 2048]
+    rows = synthetic_rows(lengths, 32064, seed=0, family="mistral")
+    for n, row in zip(lengths, rows):
+        p = prompt_length(n, "mistral")
+        assert len(row["input_ids"]) == len(row["labels"]) == n
+        assert row["labels"][:p] == [-100] * p and row["labels"][p:] == row["input_ids"][p:]
+        assert row["input_ids"][0] == 1 and all(3 <= t < 32000 for t in row["input_ids"][1:])
+    assert synthetic_rows(lengths, 32064, seed=0) == synthetic_rows(lengths, 32064, seed=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parameter_count_matches_a_real_model(family):
+    spec = FAMILIES[family]
+    sizes = dict(spec.tiny_config, num_key_value_heads=2)  # grouped-query attention for both
+    config = AutoConfig.for_model(spec.model_type, **sizes)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert parameter_count(sizes) == sum(p.numel() for p in model.parameters())
+
+
+def test_parameter_count_of_the_full_architectures():
+    assert parameter_count(FAMILIES["phi3"].full_config) == 3_821_079_552  # Phi-3-mini: "3.8B"
+    assert parameter_count(FAMILIES["mistral"].full_config) == 7_241_732_096  # Mistral-7B: "7.24B"
+
+
+def test_mfu_and_steady_state():
+    assert model_flops_per_token(1e9) == 4e9
+    assert mfu(3.8e9, 16_000, 800e12) == pytest.approx(4 * 3.8e9 * 16_000 / 800e12)
+    steps = [(1, 30.0, 1000), (2, 31.0, 2000), (3, 32.0, 3000), (4, 32.5, 4000), (5, 33.0, 5000), (6, 33.5, 6000),
+             (7, 34.0, 7000)]
+    speed = steady_state(steps, warmup=5)  # the 30 s compile of step 1 is left out
+    assert speed["tokens_per_s"] == pytest.approx(2000) and speed["s_per_step"] == pytest.approx(0.5)
+    assert speed["steps_measured"] == "6-7"
+    assert steady_state(steps[:5], warmup=5) is None
+
+
+def run_result(tokens_per_s, reserved, trainable=25_165_824, batch=(8, 1)):
+    return {"tokens_per_s": tokens_per_s, "s_per_step": 7400 / tokens_per_s, "peak_allocated_gib": reserved - 0.2,
+            "peak_reserved_gib": reserved, "trainable_params": trainable, "lora_modules": 128,
+            "batch_size": batch[0], "grad_accum": batch[1], "padding_free": True}
+
+
+REPORT = {
+    "date": "2026-11-25 03:25 UTC", "gpu": "NVIDIA H100 80GB HBM3", "steps": 10, "warmup": 5,
+    "versions": {"torch": "2.11.0", "unsloth": "2026.10.9"},
+    "matmul": {"flops_per_s": 800e12, "by_size": {"8192": 800.0}},
+    "models": {"phi3": {
+        "title": "Phi-3-mini-4k-instruct", "params": 3_821_079_552,
+        "lengths": {"description": "log-normal", "mean": 924.0},
+        "runs": {"ours": run_result(16_000, 4.4), "baseline": run_result(2_600, 6.0, batch=(2, 4)),
+                 "notebook": run_result(7_400, 3.2, batch=(2, 4))},
+        "tuning": [{"change": "batch 2 x grad-accum 4 (previous default)", **run_result(6_800, 3.2, batch=(2, 4))},
+                   {"change": "batch 8 x grad-accum 1", **run_result(16_000, 4.4)}],
+        "budget": {"cap_gib": 13.97, "defaults_fit": True, "longest_batch_1": 4096, "longest_batch_2": 3072,
+                   "tries": [{"check": "defaults", "length": 2048, "batch_size": 8, "grad_accum": 1, "fits": True,
+                              "peak_reserved_gib": 5.9},
+                             {"check": "batch 2", "length": 4096, "batch_size": 2, "grad_accum": 1, "fits": False,
+                              "peak_reserved_gib": 13.9}]},
+    }},
+}
+
+
+def test_report_tables_ratios_and_targets():
+    md = render_markdown(REPORT)
+    assert "| (a) this project, defaults | 16,000 | 0.46 | 4.20 | 4.40 | 30.6% |" in md  # 4 x 3.82e9 x 16e3 / 8e14
+    assert "| (b) transformers + PEFT QLoRA | 2,600 |" in md
+    assert "| batch 8 x grad-accum 1 | 16,000 | 2.35x |" in md  # after against before
+    assert "| batch 2 | 2 x 1 | 4096 | no (out of memory) | 13.90 |" in md
+    assert "Longest length that fits: batch 1: 4096, batch 2: 3072" in md
+    assert "NVIDIA H100 80GB HBM3" in md and "800 TFLOP/s" in md and "unsloth 2026.10.9" in md
+    lines = check_targets(REPORT)
+    assert "phi3: speed vs baseline 6.15x (target >= 2.5x): met" in lines
+    assert "phi3: speed vs notebook config 2.16x (target >= 1.2x): met" in lines
+    assert "phi3: peak reserved vs baseline 0.73x (target <= 0.45x): NOT met" in lines
+    assert "phi3: MFU 30.6% (target >= 0.3): met" in lines
+    assert "phi3: defaults within 13.97 GiB: met" in lines
+
+
+def test_report_flags_configurations_that_attach_lora_differently_and_failed_runs():
+    report = copy.deepcopy(REPORT)
+    runs = report["models"]["phi3"]["runs"]
+    runs["notebook"]["trainable_params"] = 10_000_000  # e.g. split names on fused Phi-3 weights
+    runs["baseline"] = {"error": "exit 1", "log": "logs/03-phi3-baseline.log"}
+    lines = check_targets(report)
+    assert any("differ between configurations" in line and "NOT comparable" in line for line in lines)
+    assert "phi3: speed vs baseline: not measured" in lines
+    assert "failed: see logs/03-phi3-baseline.log" in render_markdown(report)
+
+
+def bench(*args, env=None):
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "MEDTUNE_BENCH_ALLOW_CPU"}
+    r = subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    r.message = " ".join(r.stderr.split())  # the error paragraph, unwrapped
+    return r
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_refuses_without_a_gpu(tmp_path):
+    out = tmp_path / "bench"
+    r = bench("--models", "phi3", "--out", out, "--markdown", tmp_path / "B.md", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2
+    assert "CUDA GPU" in r.message and "train_phi.py --smoke" in r.message and "Traceback" not in r.stderr
+    assert not out.exists() and not (tmp_path / "B.md").exists()
+
+
+def test_bad_options_and_report_only(tmp_path):
+    r = bench("--models", "llama", "--steps", "1", "--out", tmp_path)
+    assert r.returncode == 2 and "--models must name some of phi3, mistral, got llama" in r.message
+    assert "--steps must be at least 2" in r.message and "Traceback" not in r.stderr
+    r = bench("--report-only", "--out", tmp_path / "nothing")
+    assert r.returncode == 2 and "does not exist" in r.message
+
+    (tmp_path / "benchmark.json").write_text(json.dumps(REPORT))
+    md = tmp_path / "BENCHMARKS.md"
+    r = bench("--report-only", "--out", tmp_path, "--markdown", md)
+    assert r.returncode == 0, r.stderr
+    assert md.read_text() == render_markdown(REPORT)
+    assert "phi3: MFU 30.6% (target >= 0.3): met" in r.stdout and f"Wrote {tmp_path / 'benchmark.json'}" in r.stdout
+
+
+def test_lengths_from_a_dataset_are_the_training_rows():
+    from medtune.benchmark import dataset_lengths
+    from medtune.config import SAMPLE_DATASET
+
+    pairs = dataset_lengths(SAMPLE_DATASET, "phi3", 2048)
+    assert len(pairs) == 64
+    assert 590 < sum(n for n, _ in pairs) / 64 < 605  # rendered with system prompt and template, as trained
+    assert all(0 < p < n for n, p in pairs)
+    assert len(dataset_lengths(SAMPLE_DATASET, "mistral", 560)) < 64  # rows over the limit dropped
