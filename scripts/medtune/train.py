@@ -238,8 +238,6 @@ def _train(family, cfg, run_dir, checkpoint, model, tokenizer, train_rows, eval_
     model.save_pretrained(run_dir)
     tokenizer.save_pretrained(run_dir)
     has_spm = copy_tokenizer_model(cfg.model, run_dir)
-    if eval_rows and trainer.state.global_step % cfg.eval_steps:
-        trainer.evaluate()  # the held-out loss of the final adapter, logged like the others
     records = read_metrics(run_dir / "metrics.jsonl")
     plot_losses(records, run_dir / "loss_curve.png", f"{family.title} LoRA: {cfg.run_name}")
     losses = [r["loss"] for r in records if "loss" in r]
