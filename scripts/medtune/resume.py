@@ -1,0 +1,34 @@
+"""--resume: the run folder's newest trainer checkpoint and the config it was trained with."""
+import yaml
+
+from medtune.config import RESUMABLE_CHANGES, TrainConfig
+from medtune.errors import UserError
+
+
+def newest_checkpoint(run_dir):
+    found = [p for p in run_dir.glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def resume_config(run_dir, cfg, given):
+    """The saved config of the run, with the few options that may change on resume taken from cfg."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise UserError(f"{run_dir} has no config.yaml, so it is not a run folder this tool wrote and can't be "
+                        "resumed. Start a new run with another --run-name, or replace it with --overwrite.")
+    saved = yaml.safe_load(saved_path.read_text())
+    changed = sorted(k for k in given if k in saved and k not in RESUMABLE_CHANGES | {"run_name", "output_dir"}
+                     and getattr(cfg, k) != saved[k])
+    if changed:
+        raise UserError(f"--resume continues the run exactly as it was configured, but these options differ from "
+                        f"its config.yaml: {', '.join(changed)}. Drop them (only {', '.join(sorted(RESUMABLE_CHANGES - {'resume', 'overwrite'}))} "
+                        "may change), or start a new run with another --run-name.")
+    merged = {**saved, "resume": True}
+    for k in given & RESUMABLE_CHANGES:
+        merged[k] = getattr(cfg, k)
+    if "max_steps" in given:
+        merged["epochs"] = None
+    elif "epochs" in given:
+        merged["max_steps"] = None
+    return TrainConfig(**merged)
