@@ -1,7 +1,9 @@
-"""--resume: the run folder's newest trainer checkpoint and the config it was trained with."""
+"""--resume: the run folder's newest trainer checkpoint, the config and the number of processes it
+was trained with."""
 import yaml
 
-from medtune.config import RESUMABLE_CHANGES, TrainConfig
+from medtune import distributed
+from medtune.config import RESUMABLE_CHANGES, TrainConfig, effective_batch
 from medtune.errors import UserError
 
 
@@ -32,3 +34,27 @@ def resume_config(run_dir, cfg, given):
     elif "epochs" in given:
         merged["max_steps"] = None
     return TrainConfig(**merged)
+
+
+def checkpoint_world_size(checkpoint):
+    """How many processes trained up to the checkpoint: the trainer keeps one random state per rank
+    (rng_state_<rank>.pth), or a single rng_state.pth for one process."""
+    return len(list(checkpoint.glob("rng_state_*.pth"))) or 1
+
+
+def check_world_size(checkpoint, cfg, script):
+    """Refuse to resume with another number of processes. The trainer finds its place in the data by
+    counting the batches of the new sharding, so rows would be repeated or skipped; the per-rank random
+    states would not match; and the effective batch, what one step means, would change."""
+    trained, now = checkpoint_world_size(checkpoint), distributed.world_size()
+    if trained == now:
+        return
+
+    def launch(n):
+        return f"python {script}" if n == 1 else f"torchrun --nproc_per_node {n} {script}"
+
+    raise UserError(f"--resume: {checkpoint} was trained by {trained} process{'es' * (trained > 1)} (effective batch "
+                    f"{effective_batch(cfg, trained)} = {cfg.batch_size} x {cfg.grad_accum} x {trained}), but this launch "
+                    f"has {now}. A run continues only with the number of processes it was trained with: with another, "
+                    "the effective batch and the rows each step sees would change. Launch it again as "
+                    f"`{launch(trained)} ... --resume`, or start a new run with another --run-name.")
