@@ -5,6 +5,7 @@ Every problem found is collected and reported at once.
 """
 import argparse
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -16,7 +17,9 @@ from medtune.errors import UserError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATASET = "FreedomIntelligence/medical-o1-reasoning-SFT"
 SAMPLE_DATASET = "data/medical_reasoning_sample.jsonl"
-DEFAULT_MAX_STEPS = 500  # ~4,000 examples at an effective batch of 8: under an hour for Phi-3 on a T4
+# The default run's data whatever the batch and the number of processes: 500 steps of 8 sequences on
+# one GPU, under an hour for Phi-3 on a T4.
+DEFAULT_TRAIN_EXAMPLES = 4_000
 
 
 def _f(default, help, **kw):
@@ -57,7 +60,9 @@ class TrainConfig:
     weight_decay: float = _f(0.01, "AdamW weight decay.")
     warmup_steps: int = _f(10, "Linear warm-up steps.")
     lr_scheduler: str = _f("linear", "Learning-rate schedule after warm-up.", choices=("linear", "cosine", "constant"))
-    max_steps: int | None = _f(None, f"Optimizer steps to train (default {DEFAULT_MAX_STEPS} when --epochs is not given).")
+    max_steps: int | None = _f(None, f"Optimizer steps to train (default without --epochs: {DEFAULT_TRAIN_EXAMPLES:,} "
+                                     "examples / effective batch, rounded up; effective batch = batch_size x "
+                                     "grad_accum x processes).")
     epochs: float | None = _f(None, "Train for this many passes over the data instead of --max-steps.")
     logging_steps: int = _f(10, "Log (and print one line) every N steps.")
     eval_steps: int = _f(100, "Compute eval loss every N steps.")
@@ -241,6 +246,17 @@ def validate(cfg):
             problems.append(f"{_flag(f.name)} must be one of {', '.join(choices)}, got {getattr(cfg, f.name)!r}.")
     if problems:
         raise UserError(" ".join(problems))
+
+
+def effective_batch(cfg, world_size):
+    """Sequences per optimizer step: batch_size x grad_accum on each of world_size processes."""
+    return cfg.batch_size * cfg.grad_accum * world_size
+
+
+def default_max_steps(cfg, world_size):
+    """Optimizer steps that train on DEFAULT_TRAIN_EXAMPLES examples (rounded up), whatever the batch
+    and the number of processes."""
+    return math.ceil(DEFAULT_TRAIN_EXAMPLES / effective_batch(cfg, world_size))
 
 
 def to_dict(cfg):

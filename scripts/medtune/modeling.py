@@ -12,6 +12,7 @@ import unsloth  # noqa: F401  (patches transformers/TRL/PEFT on import)
 import torch
 from unsloth import FastLanguageModel
 
+from medtune import distributed
 from medtune.config import resolve_path
 from medtune.errors import UserError
 from medtune.families import resolve_lora_targets
@@ -70,8 +71,9 @@ def check_model_source(name):
 def tiny_model_dir(family):
     """A 2-layer random-weight model of the family with its real tokenizer, built once in the cache."""
     out = cache_dir() / "tiny" / family.name
-    if not (out / "config.json").is_file():
-        build_random_model(family, out, family.tiny_config)
+    with distributed.local_main_first():  # under torchrun one process builds it, the others find it built
+        if not (out / "config.json").is_file():
+            build_random_model(family, out, family.tiny_config)
     return out
 
 
@@ -100,11 +102,16 @@ def build_random_model(family, out, sizes, device="cpu", dtype=torch.float32):
 def load_model(source, cfg):
     """(model, tokenizer) through Unsloth's FastLanguageModel, and a dtype warning or None."""
     dtype, warning = resolve_dtype(cfg.dtype)
+    placement = {}
+    if torch.cuda.is_available() and distributed.world_size() > 1:
+        # Data-parallel: a whole 4-bit copy on each process's own GPU (4-bit weights can't be moved
+        # after loading). Unsloth 2026.10 picks this itself under torchrun; named, it does not depend on that.
+        placement = dict(device_map={"": distributed.local_rank()})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=source, max_seq_length=cfg.max_seq_length, dtype=dtype, load_in_4bit=cfg.load_in_4bit,
-            token=os.environ.get("HF_TOKEN"),
+            token=os.environ.get("HF_TOKEN"), **placement,
         )
     return model, tokenizer, warning
 

@@ -16,20 +16,20 @@ class RunLog(ProgressCallback):
     """The trainer's progress bar, one readable line per logging step instead of a dict, every
     logged value appended to metrics.jsonl, and per-step times and token counts for the summary."""
 
-    def __init__(self, metrics_path, resume_step=0):
+    def __init__(self, metrics_path):
         super().__init__()
         self.metrics_path = metrics_path
         self.steps = []  # (global step, seconds since start, input tokens seen), one per optimizer step
         self.start = None
         self.last = None  # (step, time, tokens) at the previous log line
-        if resume_step and metrics_path.exists():
-            # drop what an interrupted run logged after the checkpoint we continue from
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]
-            metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def on_train_begin(self, args, state, control, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
+        if state.is_world_process_zero and state.global_step and self.metrics_path.exists():
+            # resumed: drop what an interrupted run logged after the checkpoint we continue from
+            kept = [line for line in self.metrics_path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= state.global_step]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
         self.start = time.perf_counter()
         self.last = (state.global_step, 0.0, state.num_input_tokens_seen)
 

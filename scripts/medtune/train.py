@@ -4,6 +4,10 @@ scripts/train_mistral.py, which write checkpoints/<run-name>/.
 
     python scripts/train_phi.py --smoke     # offline quickstart: tiny model, bundled sample, CPU
     python scripts/train_phi.py             # the real run: Phi-3-mini on medical-o1-reasoning-SFT
+    torchrun --nproc_per_node 2 scripts/train_phi.py   # the same, data-parallel on 2 GPUs
+
+Under torchrun or accelerate launch every process trains on its own share of the data and only rank 0
+prints and writes the run folder (see medtune/distributed.py).
 """
 import dataclasses
 import json
@@ -17,41 +21,20 @@ from pathlib import Path
 
 import yaml
 
-from medtune.config import DEFAULT_MAX_STEPS, RESUMABLE_CHANGES, TrainConfig, parse_config, resolve_path, to_dict
+from medtune import distributed
+from medtune.config import default_max_steps, effective_batch, parse_config, resolve_path, to_dict
 from medtune.errors import UserError, report_user_errors
 from medtune.families import FAMILIES
+from medtune.resume import check_world_size, newest_checkpoint, resume_config
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "datasets", "bitsandbytes",
              "accelerate")
 
 
-def newest_checkpoint(run_dir):
-    found = [p for p in run_dir.glob("checkpoint-*")
-             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
-def resume_config(run_dir, cfg, given):
-    """The saved config of the run, with the few options that may change on resume taken from cfg."""
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        raise UserError(f"{run_dir} has no config.yaml, so it is not a run folder this tool wrote and can't be "
-                        "resumed. Start a new run with another --run-name, or replace it with --overwrite.")
-    saved = yaml.safe_load(saved_path.read_text())
-    changed = sorted(k for k in given if k in saved and k not in RESUMABLE_CHANGES | {"run_name", "output_dir"}
-                     and getattr(cfg, k) != saved[k])
-    if changed:
-        raise UserError(f"--resume continues the run exactly as it was configured, but these options differ from "
-                        f"its config.yaml: {', '.join(changed)}. Drop them (only {', '.join(sorted(RESUMABLE_CHANGES - {'resume', 'overwrite'}))} "
-                        "may change), or start a new run with another --run-name.")
-    merged = {**saved, "resume": True}
-    for k in given & RESUMABLE_CHANGES:
-        merged[k] = getattr(cfg, k)
-    if "max_steps" in given:
-        merged["epochs"] = None
-    elif "epochs" in given:
-        merged["max_steps"] = None
-    return TrainConfig(**merged)
+def say(*args, **kwargs):
+    """print, on rank 0 only: one line per event, not one per process."""
+    if distributed.is_main():
+        print(*args, flush=True, **kwargs)
 
 
 def read_system_prompt(cfg):
@@ -75,10 +58,13 @@ def versions():
 def describe_device():
     import torch
 
+    one = "cpu"
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return f"cuda:0 {props.name} ({props.total_memory / 2**30:.1f} GiB)"
-    return "cpu"
+        index = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        one = f"cuda:{index} {props.name} ({props.total_memory / 2**30:.1f} GiB)"
+    n = distributed.world_size()
+    return one if n == 1 else f"{n} processes ({distributed.backend()}), rank 0 on {one}"
 
 
 def build_trainer(model, tokenizer, train_rows, eval_rows, cfg, run_dir, callbacks):
@@ -99,6 +85,9 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, cfg, run_dir, callbac
         eval_steps=cfg.eval_steps, report_to=cfg.report_to, max_length=cfg.max_seq_length, packing=cfg.packing,
         fp16=on_gpu and model.dtype == torch.float16, bf16=on_gpu and model.dtype == torch.bfloat16,
         include_num_input_tokens_seen="non_padding", dataset_num_proc=1,
+        # Under DDP: every LoRA weight gets a gradient each step, and searching for unused ones breaks
+        # reentrant gradient checkpointing ("marked as ready twice").
+        ddp_find_unused_parameters=False,
     )
     import datasets
 
@@ -118,12 +107,16 @@ def out_of_memory_message(cfg):
 
     where = "the GPU"
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        where = (f"{props.name} ({props.total_memory / 2**30:.1f} GiB; peak reserved by this run "
+        index = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        where = (f"cuda:{index} {props.name} ({props.total_memory / 2**30:.1f} GiB; peak reserved by this process "
                  f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB)")
-    return (f"CUDA ran out of memory on {where} with --batch-size {cfg.batch_size} and --max-seq-length "
-            f"{cfg.max_seq_length}. Lower --batch-size (raise --grad-accum to keep the effective batch of "
-            f"{cfg.batch_size * cfg.grad_accum}) or lower --max-seq-length, and close other programs using the GPU.")
+    n = distributed.world_size()
+    rank = f"rank {distributed.rank()} of {n}: " if n > 1 else ""
+    return (f"{rank}CUDA ran out of memory on {where} with --batch-size {cfg.batch_size} per process and "
+            f"--max-seq-length {cfg.max_seq_length}. Lower --batch-size (raise --grad-accum to keep the effective "
+            f"batch of {effective_batch(cfg, n)} = {cfg.batch_size} x {cfg.grad_accum} x {n} process{'es' * (n > 1)}) "
+            "or lower --max-seq-length, and close other programs using the GPU.")
 
 
 def write_text(path, text):
@@ -148,25 +141,28 @@ def run(family_name, argv=None, callbacks=()):
         if checkpoint is None:
             raise UserError(f"--resume: {run_dir} holds no trainer checkpoint (checkpoint-N folders are written every "
                             f"--save-steps {cfg.save_steps} steps). Start again with --overwrite.")
+        check_world_size(checkpoint, cfg, script)
     elif run_dir.exists() and not cfg.overwrite:
         raise UserError(f"The run folder {run_dir} already exists. Add --resume to continue it, --overwrite to "
                         "replace it, or choose another --run-name.")
     if cfg.max_steps is None and cfg.epochs is None:
-        cfg = dataclasses.replace(cfg, max_steps=DEFAULT_MAX_STEPS)
+        cfg = dataclasses.replace(cfg, max_steps=default_max_steps(cfg, distributed.world_size()))
 
-    # Everything that can be checked is checked before anything is written.
+    # Everything that can be checked is checked before anything is written. Every rank checks the
+    # same arguments and files, so a mistake stops every rank here, before they wait for each other.
     from medtune.data import load_rows, split_examples, to_examples, tokenize_examples
 
     system_prompt = read_system_prompt(cfg)
-    print(f"Loading data from {cfg.dataset} ...", flush=True)
+    say(f"Loading data from {cfg.dataset} ...")
     examples = to_examples(load_rows(cfg), cfg.dataset)
+    distributed.start()
     from medtune import modeling  # imports Unsloth (slow), after the cheap checks
 
     if cfg.smoke and not cfg.model:
         cfg = dataclasses.replace(cfg, model=str(modeling.tiny_model_dir(family)))
     source = modeling.check_model_source(cfg.model or family.default_model)
     cfg = dataclasses.replace(cfg, model=source)
-    print(f"Loading {source} (4-bit: {cfg.load_in_4bit}) ...", flush=True)
+    say(f"Loading {source} (4-bit: {cfg.load_in_4bit}) ...")
     model, tokenizer, dtype_warning = modeling.load_model(source, cfg)
     if dtype_warning:
         print(f"warning: {dtype_warning}", file=sys.stderr)
@@ -179,32 +175,36 @@ def run(family_name, argv=None, callbacks=()):
                         f"{cfg.max_seq_length} tokens (the shortest has {train_stats['shortest']}). Raise "
                         f"--max-seq-length to at least {train_stats['shortest']}, or pass --truncate to cut rows.")
     verb = "cut to fit" if cfg.truncate else "dropped"
-    print(f"Data: {train_stats['kept']} training rows, {eval_stats['kept']} held out; {train_stats['too_long']} "
-          f"+ {eval_stats['too_long']} longer than {cfg.max_seq_length} tokens {verb}; mean "
-          f"{train_stats['mean_tokens']} tokens per row.", flush=True)
+    say(f"Data: {train_stats['kept']} training rows, {eval_stats['kept']} held out; {train_stats['too_long']} "
+        f"+ {eval_stats['too_long']} longer than {cfg.max_seq_length} tokens {verb}; mean "
+        f"{train_stats['mean_tokens']} tokens per row.")
     model, targets = modeling.attach_lora(model, cfg, family)
 
-    # From here on the run folder is written.
+    # From here on rank 0 writes the run folder: only after every rank has looked at it above, and
+    # before any rank trains (the others write their random state into its checkpoints).
     fresh = checkpoint is None
-    if fresh:
+    distributed.barrier()
+    if fresh and distributed.is_main():
         if run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
+    distributed.barrier()
     try:
         return _train(family, cfg, run_dir, checkpoint, model, tokenizer, train_rows, eval_rows, system_prompt,
                       eval_ex, dict(train=train_stats, eval=eval_stats), targets, callbacks)
     except BaseException as e:
         if fresh and newest_checkpoint(run_dir) is None:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            if distributed.is_main():
+                shutil.rmtree(run_dir, ignore_errors=True)
             where = "Nothing was kept."
         else:
             where = f"Checkpoints are kept in {run_dir}: add --resume to continue."
         import torch
 
         if isinstance(e, torch.OutOfMemoryError):
-            raise UserError(out_of_memory_message(cfg) + " " + where) from None
+            raise UserError(out_of_memory_message(cfg) + " " + where, rank_specific=True) from None
         if isinstance(e, KeyboardInterrupt):
-            print(f"\nTraining interrupted. {where}", file=sys.stderr)
+            say(f"\nTraining interrupted. {where}", file=sys.stderr)
         raise
 
 
@@ -215,29 +215,30 @@ def _train(family, cfg, run_dir, checkpoint, model, tokenizer, train_rows, eval_
     from medtune.modeling import copy_tokenizer_model
     from medtune.reporting import RunLog, gib, plot_losses, read_metrics
 
-    if checkpoint is None:
+    rank0 = distributed.is_main()
+    if checkpoint is None and rank0:
         write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         write_text(run_dir / "system_prompt.txt", system_prompt + "\n")
         write_text(run_dir / "chat_template.jinja", tokenizer.chat_template)
         write_text(run_dir / "heldout.jsonl", "".join(json.dumps(ex.as_row()) + "\n" for ex in eval_ex))
-    resume_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
-    log = RunLog(run_dir / "metrics.jsonl", resume_step)
+    log = RunLog(run_dir / "metrics.jsonl")
     trainer = build_trainer(model, tokenizer, train_rows, eval_rows, cfg, run_dir, [log, *callbacks])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    print(f"Training {family.title} LoRA r={cfg.lora_r} on {', '.join(targets)}: "
-          f"{trainer.args.max_steps if trainer.args.max_steps > 0 else 'epochs=' + str(cfg.epochs)} steps of "
-          f"{cfg.batch_size} x {cfg.grad_accum} sequences on {describe_device()}"
-          f"{f', resuming from {checkpoint.name}' if checkpoint else ''}.", flush=True)
+    n = distributed.world_size()
+    say(f"Training {family.title} LoRA r={cfg.lora_r} on {', '.join(targets)}: "
+        f"{trainer.args.max_steps if trainer.args.max_steps > 0 else 'epochs=' + str(cfg.epochs)} steps, effective "
+        f"batch {effective_batch(cfg, n)} = batch {cfg.batch_size} x grad-accum {cfg.grad_accum} x {n} "
+        f"process{'es' * (n > 1)}, on {describe_device()}{f', resuming from {checkpoint.name}' if checkpoint else ''}.")
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     wall = time.perf_counter() - started
 
+    if not rank0:
+        return run_dir
     model.save_pretrained(run_dir)
     tokenizer.save_pretrained(run_dir)
     has_spm = copy_tokenizer_model(cfg.model, run_dir)
-    if eval_rows and trainer.state.global_step % cfg.eval_steps:
-        trainer.evaluate()  # the held-out loss of the final adapter, logged like the others
     records = read_metrics(run_dir / "metrics.jsonl")
     plot_losses(records, run_dir / "loss_curve.png", f"{family.title} LoRA: {cfg.run_name}")
     losses = [r["loss"] for r in records if "loss" in r]
@@ -254,11 +255,12 @@ def _train(family, cfg, run_dir, checkpoint, model, tokenizer, train_rows, eval_
         "peak_gpu_allocated_gib": round(gib(torch.cuda.max_memory_allocated()), 2) if torch.cuda.is_available() else None,
         "peak_gpu_reserved_gib": round(gib(torch.cuda.max_memory_reserved()), 2) if torch.cuda.is_available() else None,
         "resumed_from": checkpoint.name if checkpoint else None,
+        "world_size": n, "effective_batch": effective_batch(cfg, n),
     }
     info = {
         "family": family.name, "base_model": cfg.model, "lora_targets": targets, "dtype": str(model.dtype),
-        "device": describe_device(), "padding_free": bool(getattr(trainer, "padding_free", False)),
-        "tokenizer_model_copied": has_spm, "data": data_stats, "summary": summary, "versions": versions(),
+        "device": describe_device(), "ddp_backend": distributed.backend(),
+        "padding_free": bool(getattr(trainer, "padding_free", False)), "tokenizer_model_copied": has_spm, "data": data_stats, "summary": summary, "versions": versions(),
         "command": " ".join(sys.argv), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_text(run_dir / "run_info.json", json.dumps(info, indent=2) + "\n")
@@ -272,12 +274,13 @@ def print_summary(run_dir, s):
 
     mem = ("n/a (CPU)" if s["peak_gpu_reserved_gib"] is None else
            f"{s['peak_gpu_allocated_gib']:.2f} GiB allocated, {s['peak_gpu_reserved_gib']:.2f} GiB reserved")
-    print(f"\nDone: {s['steps']} steps in {s['wall_time_s']:.0f} s"
+    print(f"\nDone: {s['steps']} steps of effective batch {s['effective_batch']} on {s['world_size']} "
+          f"process{'es' * (s['world_size'] > 1)} in {s['wall_time_s']:.0f} s"
           f"{' (resumed from ' + s['resumed_from'] + ')' if s['resumed_from'] else ''}.")
     print(f"  train loss {fmt(s['train_loss'], '.4f')} (last logged), eval loss {fmt(s['eval_loss'], '.4f')}")
     print(f"  trained tokens/s {fmt(s['tokens_per_s'], ',.0f')} (steady state, steps {s['steady_state_steps']}); "
           f"{fmt(s['s_per_step'], '.3f')} s/step")
-    print(f"  peak GPU memory: {mem}")
+    print(f"  peak GPU memory{' (rank 0)' * (s['world_size'] > 1)}: {mem}")
     print(f"Wrote {run_dir}/:")
     described = {
         "adapter_model.safetensors": "LoRA adapter", "adapter_config.json": "LoRA config (base model id inside)",
@@ -297,3 +300,4 @@ def print_summary(run_dir, s):
 @report_user_errors
 def main(family_name):
     run(family_name)
+    distributed.finish()

@@ -1,0 +1,87 @@
+"""Data-parallel training: one process per GPU (or CPU process), started by torchrun or accelerate launch.
+
+    torchrun --nproc_per_node 2 scripts/train_phi.py
+    accelerate launch --multi_gpu --num_processes 2 scripts/train_phi.py
+
+Both launchers set RANK, LOCAL_RANK and WORLD_SIZE; a plain `python scripts/train_phi.py` sets none
+and is a world of one, where every function here is a no-op. The trainer shards the data and
+averages the gradients; this module is the rest: which process writes the run folder and prints
+(rank 0), and waiting for each other around the few things only one process may do.
+"""
+import os
+from contextlib import contextmanager
+from datetime import timedelta
+
+TIMEOUT = timedelta(seconds=1800)  # transformers' default ddp_timeout: one slow model download is not a hang
+
+
+def rank():
+    return int(os.environ.get("RANK", 0))
+
+
+def local_rank():
+    """The process's index on its machine, which is also its GPU's index."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size():
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main():
+    """Rank 0: the one process that prints and writes the run folder."""
+    return rank() == 0
+
+
+def start():
+    """Join the launcher's process group (NCCL between GPUs, gloo between CPU processes) before the
+    trainer does, so that the run folder checks can wait for every rank. The trainer reuses it."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size() == 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=TIMEOUT, device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=TIMEOUT)
+        # accelerate calls a CPU process's device cpu:0, the trainer loads a resumed optimizer state
+        # with map_location=that device under DDP, and torch.load can't: "don't know how to restore
+        # data location of torch.storage.UntypedStorage (tagged with cpu:0)". Plain cpu loads.
+        os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
+
+
+def backend():
+    import torch.distributed as dist
+
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+
+
+def barrier():
+    """Wait until every rank gets here."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+@contextmanager
+def local_main_first():
+    """Let one process per machine do the body first (build a file in a shared cache), then the others,
+    which find it done."""
+    if local_rank() != 0:
+        barrier()
+    yield
+    if local_rank() == 0:
+        barrier()
+
+
+def finish():
+    """Leave the process group together, once rank 0 has written the run folder."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
