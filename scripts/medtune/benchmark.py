@@ -28,7 +28,7 @@ PARTS = ("compare", "tuning", "budget")
 T4_CAP_BYTES = 15 * 10**9  # "15 GB": what Colab shows for a T4
 # Length ladders for the longest-sequence search, up to each model's context window.
 LADDERS = {"phi3": [2048, 3072, 4096], "mistral": [2048, 4096, 6144, 8192, 12288, 16384, 24576, 32768]}
-# Each tuning step against the defaults before it (the first entry: the defaults of the training issue).
+# Each tuning step, measured against the defaults before tuning (the first entry).
 TUNING = [
     ("batch 2 x grad-accum 4 (previous default)", {"batch_size": 2, "grad_accum": 4}, {}),
     ("batch 4 x grad-accum 2", {"batch_size": 4, "grad_accum": 2}, {}),
