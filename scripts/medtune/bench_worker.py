@@ -125,7 +125,7 @@ def load_ours(spec, family, cfg):
     from medtune import modeling
 
     model, tokenizer, _ = modeling.load_model(spec["model"], cfg)
-    modeling.prepare_tokenizer(tokenizer, family)
+    family.prepare_tokenizer(tokenizer)
     model, targets = modeling.attach_lora(model, cfg, family)
     return model, tokenizer, targets
 
@@ -154,12 +154,11 @@ def train_notebook(spec, family, rows, run_dir, timer):
     from unsloth import FastLanguageModel, is_bfloat16_supported
     from trl import SFTConfig, SFTTrainer
 
-    from medtune.families import PROJECTIONS, resolve_lora_targets
-    from medtune.modeling import linear_names, prepare_tokenizer
+    from medtune.families import PROJECTIONS, linear_names, resolve_lora_targets
 
     model, tokenizer = FastLanguageModel.from_pretrained(model_name=spec["model"], max_seq_length=2048, dtype=None,
                                                          load_in_4bit=True)
-    prepare_tokenizer(tokenizer, family)
+    family.prepare_tokenizer(tokenizer)
     # The notebooks name the 7 split projections; on Phi-3's fused weights the same layers are
     # qkv_proj and gate_up_proj, resolved as for every configuration here so that all attach alike.
     targets, _ = resolve_lora_targets(list(PROJECTIONS), linear_names(model))
@@ -188,21 +187,18 @@ def train_baseline(spec, family, rows, run_dir, timer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from medtune.families import PROJECTIONS, resolve_lora_targets
+    from medtune.families import PROJECTIONS, linear_names, resolve_lora_targets
 
     assert "unsloth" not in sys.modules, "the baseline must run without Unsloth's patches"
     on_gpu = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.bfloat16, attn_implementation="sdpa",
                                                  device_map={"": 0} if on_gpu else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token
+    family.prepare_tokenizer(tokenizer)
     gc_kwargs = {"use_reentrant": False}
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs=gc_kwargs)
-    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                    if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")})
-    targets, _ = resolve_lora_targets(list(PROJECTIONS), names)
+    targets, _ = resolve_lora_targets(list(PROJECTIONS), linear_names(model))
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
                                              bias="none", task_type="CAUSAL_LM"))
     args = SFTConfig(

@@ -21,7 +21,7 @@ from medtune.config import REPO_ROOT, TrainConfig
 from medtune.errors import UserError
 from medtune.families import FAMILIES
 from medtune.perf import medical_o1_lengths, parameter_count, prompt_length, synthetic_rows
-from medtune.perf_report import check_targets, render_markdown, summary_table
+from medtune.perf_report import check_targets, measured, render_markdown, summary_table
 
 SETUPS = ("ours", "baseline", "notebook")
 PARTS = ("compare", "tuning", "budget")
@@ -126,20 +126,17 @@ def dataset_lengths(dataset, family, max_len):
 
     from medtune.data import load_rows, to_examples, tokenize_examples
     from medtune.offline_tokenizers import tokenizer_dir
+    from medtune.train import read_system_prompt
 
     cfg = TrainConfig(dataset=dataset, max_seq_length=max_len)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(family))
     fam = FAMILIES[family]
-    tokenizer.chat_template = fam.chat_template()
-    system_prompt = (REPO_ROOT / cfg.system_prompt_file).read_text().strip()
+    fam.prepare_tokenizer(tokenizer)
+    system_prompt = read_system_prompt(cfg)
     rows, _ = tokenize_examples(to_examples(load_rows(cfg), dataset), tokenizer, fam, cfg, system_prompt)
     if not rows:
         raise UserError(f"--lengths-from {dataset}: no row fits in {max_len} tokens; pass a dataset of training rows.")
     return [(len(r["input_ids"]), sum(1 for x in r["labels"] if x == -100)) for r in rows]
-
-
-def _measured(run):
-    return bool(run and run.get("tokens_per_s"))
 
 
 def lengths_for(args, family, n):
@@ -188,7 +185,7 @@ def measure_model(args, run, family, out, results, save):
         defaults = TrainConfig()
         for name, overrides, env in TUNING:
             current = not env and all(getattr(defaults, k) == v for k, v in overrides.items())
-            if current and _measured(entry.get("runs", {}).get("ours")):
+            if current and measured(entry.get("runs", {}).get("ours")):
                 r = entry["runs"]["ours"]  # this change is the current default: measured above as (a)
             else:
                 r = run("train", f"{family}-tune", setup="ours", overrides=overrides, env=env, **common)

@@ -27,6 +27,12 @@ class Family:
     def chat_template(self) -> str:
         return self.chat_template_path.read_text()
 
+    def prepare_tokenizer(self, tokenizer):
+        """The family's chat template, and a pad token where the model has none (Mistral): pads never carry loss."""
+        tokenizer.chat_template = self.chat_template()
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.unk_token
+
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Microsoft's Phi-3 checkpoints fuse these projections into one Linear each.
@@ -68,6 +74,14 @@ FAMILIES = {
                          tie_word_embeddings=False, initializer_range=0.1),
     ),
 }
+
+
+def linear_names(model):
+    """Last name components of the model's Linear layers (4-bit ones included), lm_head excluded."""
+    import torch
+
+    return sorted({full.rsplit(".", 1)[-1] for full, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and not full.endswith("lm_head")})
 
 
 def resolve_lora_targets(requested, linear_names):

@@ -15,7 +15,7 @@ from unsloth import FastLanguageModel
 from medtune import distributed
 from medtune.config import resolve_path
 from medtune.errors import UserError
-from medtune.families import resolve_lora_targets
+from medtune.families import linear_names, resolve_lora_targets
 from medtune.offline_tokenizers import cache_dir, tokenizer_dir
 
 
@@ -114,22 +114,6 @@ def load_model(source, cfg):
             token=os.environ.get("HF_TOKEN"), **placement,
         )
     return model, tokenizer, warning
-
-
-def prepare_tokenizer(tokenizer, family):
-    """The family's chat template, and a pad token where the model has none (Mistral): pads never carry loss."""
-    tokenizer.chat_template = family.chat_template()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token
-
-
-def linear_names(model):
-    """Last name components of the model's Linear layers (4-bit ones included), lm_head excluded."""
-    names = set()
-    for full, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not full.endswith("lm_head"):
-            names.add(full.rsplit(".", 1)[-1])
-    return sorted(names)
 
 
 def attach_lora(model, cfg, family):

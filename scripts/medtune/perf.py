@@ -95,10 +95,13 @@ def mfu(n_params, tokens_per_s, matmul_flops_per_s):
 
 
 def steady_state(steps, warmup):
-    """(tokens/s, s/step, steps measured) from [(step, seconds, tokens seen)] after `warmup` steps."""
+    """(tokens/s, s/step, steps measured) from [(step, seconds, tokens seen)] after `warmup` steps;
+    None when fewer than two steps remain to time."""
     kept = [s for s in steps if s[0] >= warmup]
     if len(kept) < 2:
         return None
     (s0, t0, n0), (s1, t1, n1) = kept[0], kept[-1]
+    if t1 <= t0:
+        return None
     return {"tokens_per_s": (n1 - n0) / (t1 - t0), "s_per_step": (t1 - t0) / (s1 - s0),
             "steps_measured": f"{s0 + 1}-{s1}"}

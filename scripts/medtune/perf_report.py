@@ -6,13 +6,14 @@ LABELS = {"ours": "(a) this project, defaults", "baseline": "(b) transformers + 
 TARGETS = {"speed_vs_baseline": 2.5, "speed_vs_notebook": 1.2, "reserved_vs_baseline": 0.45, "mfu": 0.30}
 
 
-def _ok(run):
-    return run and "error" not in run and run.get("tokens_per_s")
+def measured(run):
+    """Whether a run finished with a speed (a failed one holds an error and its log instead)."""
+    return bool(run and "error" not in run and run.get("tokens_per_s"))
 
 
 def _mfu(entry, run, report):
     rate = (entry.get("matmul") or report.get("matmul") or {}).get("flops_per_s")
-    return mfu(entry["params"], run["tokens_per_s"], rate) if rate and _ok(run) else None
+    return mfu(entry["params"], run["tokens_per_s"], rate) if rate and measured(run) else None
 
 
 def _fmt(v, spec, unit=""):
@@ -20,7 +21,7 @@ def _fmt(v, spec, unit=""):
 
 
 def run_row(name, entry, run, report):
-    if not _ok(run):
+    if not measured(run):
         return f"| {name} | failed: see {run.get('log', 'the log') if run else 'the log'} | | | | | | |"
     return (f"| {name} | {run['tokens_per_s']:,.0f} | {run['s_per_step']:.2f} | {_fmt(run['peak_allocated_gib'], '.2f')} | "
             f"{_fmt(run['peak_reserved_gib'], '.2f')} | {_fmt(_mfu(entry, run, report), '.1%')} | "
@@ -36,11 +37,11 @@ def ratios(entry):
     runs = entry.get("runs", {})
     ours, base, nb = (runs.get(k) for k in ("ours", "baseline", "notebook"))
     out = {}
-    if _ok(ours) and _ok(base):
+    if measured(ours) and measured(base):
         out["speed_vs_baseline"] = ours["tokens_per_s"] / base["tokens_per_s"]
         if ours["peak_reserved_gib"] and base["peak_reserved_gib"]:
             out["reserved_vs_baseline"] = ours["peak_reserved_gib"] / base["peak_reserved_gib"]
-    if _ok(ours) and _ok(nb):
+    if measured(ours) and measured(nb):
         out["speed_vs_notebook"] = ours["tokens_per_s"] / nb["tokens_per_s"]
     return out
 
@@ -63,9 +64,9 @@ def check_targets(report):
             met = value >= target if op == ">=" else value <= target
             shown = f"{value:.1%}" if name == "MFU" else f"{value:.2f}{unit}"
             lines.append(f"{family}: {name} {shown} (target {op} {target:g}{unit}): {'met' if met else 'NOT met'}")
-        lengths = [run.get("trainable_params") for run in entry.get("runs", {}).values() if _ok(run)]
-        if len(set(lengths)) > 1:
-            lines.append(f"{family}: LoRA trainable parameters differ between configurations: {lengths}: NOT comparable")
+        trainable = [run.get("trainable_params") for run in entry.get("runs", {}).values() if measured(run)]
+        if len(set(trainable)) > 1:
+            lines.append(f"{family}: LoRA trainable parameters differ between configurations: {trainable}: NOT comparable")
         budget = entry.get("budget")
         if budget and "error" not in budget:
             lines.append(f"{family}: defaults within {budget['cap_gib']} GiB: {'met' if budget['defaults_fit'] else 'NOT met'}")
@@ -86,11 +87,11 @@ def tuning_table(entry, report):
     tuning = entry.get("tuning") or []
     if not tuning:
         return ""
-    base = tuning[0] if _ok(tuning[0]) else None
+    base = tuning[0] if measured(tuning[0]) else None
     lines = ["| change (each run of this project's path) | trained tokens/s | vs previous default | s/step | "
              "peak reserved GiB | MFU |", "|---|---:|---:|---:|---:|---:|"]
     for t in tuning:
-        if not _ok(t):
+        if not measured(t):
             lines.append(f"| {t['change']} | failed: see {t.get('log')} | | | | |")
             continue
         vs = f"{t['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"

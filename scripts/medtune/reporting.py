@@ -5,6 +5,8 @@ import time
 import torch
 from transformers.trainer_callback import ProgressCallback
 
+from medtune.perf import steady_state
+
 WARMUP_STEPS_EXCLUDED = 5  # the first steps compile kernels (~30 s on a GPU): not steady state
 
 
@@ -76,13 +78,7 @@ class RunLog(ProgressCallback):
         """Trained (non-pad) tokens per second and seconds per step, warm-up steps excluded; None
         if the run was too short to have a steady state."""
         skip = min(WARMUP_STEPS_EXCLUDED, len(self.steps) // 2)
-        if len(self.steps) - skip < 2:
-            return None
-        (s0, t0, n0), (s1, t1, n1) = self.steps[skip], self.steps[-1]
-        if t1 <= t0:
-            return None
-        return {"tokens_per_s": (n1 - n0) / (t1 - t0), "s_per_step": (t1 - t0) / (s1 - s0),
-                "steps_measured": f"{s0 + 1}-{s1}"}
+        return steady_state(self.steps[skip:], warmup=0)
 
 
 def read_metrics(path):

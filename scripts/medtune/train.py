@@ -166,7 +166,7 @@ def run(family_name, argv=None, callbacks=()):
     model, tokenizer, dtype_warning = modeling.load_model(source, cfg)
     if dtype_warning:
         print(f"warning: {dtype_warning}", file=sys.stderr)
-    modeling.prepare_tokenizer(tokenizer, family)
+    family.prepare_tokenizer(tokenizer)
     train_ex, eval_ex = split_examples(examples, cfg)
     train_rows, train_stats = tokenize_examples(train_ex, tokenizer, family, cfg, system_prompt)
     eval_rows, eval_stats = tokenize_examples(eval_ex, tokenizer, family, cfg, system_prompt)
