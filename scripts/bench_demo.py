@@ -42,7 +42,7 @@ def measure(path, tokens, runs, system):
     """Alternate bare and demo answers, so that both see the same machine (a shared VM drifts)."""
     from gradio_client import Client
 
-    from medtune.backends import GGUFBackend
+    from medtune.demo.backends import GGUFBackend
 
     backend = GGUFBackend(path)  # the demo's own loader: same context size and threads
     ids = backend.prompt_ids([{"role": "system", "content": system}, {"role": "user", "content": QUESTION}])

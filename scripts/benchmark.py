@@ -3,7 +3,7 @@ and the Unsloth notebook configuration, the T4 memory budget, and the tuning of 
 
     python scripts/benchmark.py [--models phi3,mistral] [--steps 20] [--out checkpoints/benchmark]
 """
-from medtune.benchmark import run_benchmark
+from medtune.bench.cli import run_benchmark
 from medtune.errors import report_user_errors
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ and fine-tuned), answer format, verbosity. Writes a GitHub-ready report.md with 
 
 Evaluate each run first (python scripts/evaluate.py RUN --compare-base --mode generate,loglik).
 """
-from medtune.comparison import main
+from medtune.compare.cli import main
 
 if __name__ == "__main__":
     main()

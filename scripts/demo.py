@@ -5,7 +5,7 @@ block, generation settings, speed, and a side-by-side comparison of two models.
     python scripts/demo.py checkpoints/phi3-medical --compare checkpoints/mistral-medical
     python scripts/demo.py checkpoints/phi3-medical --share       # Colab: a public link
 """
-from medtune.demo import main
+from medtune.demo.cli import main
 
 if __name__ == "__main__":
     main()

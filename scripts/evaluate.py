@@ -6,7 +6,7 @@ the run on its held-out split: accuracy with 95% intervals, answer format, held-
     python scripts/evaluate.py checkpoints/phi3-smoke --offline --max-new-tokens 32
     python scripts/evaluate.py --help
 """
-from medtune.evaluation import main
+from medtune.evaluation.cli import main
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,7 @@ files (llama.cpp's own converter and quantizer, offline) and an Ollama Modelfile
     python scripts/export.py checkpoints/phi3-medical --quant q4_k_m,q8_0,f16
     python scripts/export.py --help
 """
-from medtune.export import main
+from medtune.export.cli import main
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,7 @@ def main():
         raise UserError(f"{out} already exists; pass a new folder.")
     import torch
 
-    from medtune.modeling import build_random_model
+    from medtune.train.modeling import build_random_model
 
     family = FAMILIES[args.family]
     sizes = family.full_config if args.full else family.tiny_config

@@ -72,12 +72,15 @@ if [ $dev = 1 ]; then
   fi
 fi
 
+say "Installing this project's package (medtune, editable)"
+pip install -q --no-deps --no-build-isolation -e .
+
 say "Building the offline tokenizers (Phi-3 from llama.cpp's vocabulary, Mistral from mistral-common)"
 .venv/bin/python scripts/medtune/offline_tokenizers.py
 
 # llama-cpp-python (the export's quantizer and verifier) is source-only: build it once from the
 # same source package the tokenizers came from, and keep the wheel for later set-ups.
-LLAMA_CPP_VERSION=$(.venv/bin/python -c 'import sys; sys.path.insert(0, "scripts"); from medtune.offline_tokenizers import LLAMA_CPP_PYTHON_VERSION as v; print(v)')
+LLAMA_CPP_VERSION=$(.venv/bin/python -c 'from medtune.offline_tokenizers import LLAMA_CPP_PYTHON_VERSION as v; print(v)')
 if ! .venv/bin/python -c "import importlib.metadata as m; assert m.version('llama_cpp_python') == '$LLAMA_CPP_VERSION'" 2>/dev/null; then
   wheels=.cache/medtune/wheels
   if ! ls $wheels/llama_cpp_python-$LLAMA_CPP_VERSION-*.whl >/dev/null 2>&1; then

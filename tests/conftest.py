@@ -1,14 +1,12 @@
-"""Shared set-up: offline Hub, scripts/ importable, Unsloth imported first, and the smoke runs that
+"""Shared set-up: offline Hub, Unsloth imported first, and the smoke runs that
 several tests read (trained once per session)."""
 import os
-import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may wait on the network
 os.environ.setdefault("UNSLOTH_SKIP_TORCHVISION_CHECK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
 
 import pytest  # noqa: E402
 
@@ -19,7 +17,7 @@ FAMILIES = ("phi3", "mistral")
 
 def train(family, *args, callbacks=()):
     """Run the training entry point in-process; return the run folder."""
-    from medtune.train import run
+    from medtune.train.trainer import run
 
     return run(family, [str(a) for a in args], callbacks=callbacks)
 

@@ -1,7 +1,7 @@
 """Answer extraction, table-driven: what a response says it chooses, or None when it does not say."""
 import pytest
 
-from medtune.answers import extract, final_answer, reasoning_block_ok
+from medtune.evaluation.answers import extract, final_answer, reasoning_block_ok
 
 LETTERS = ("A", "B", "C", "D")
 OPTIONS = ("Aspirin", "Clopidogrel", "Aspirin and clopidogrel", "Warfarin")

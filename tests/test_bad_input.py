@@ -79,7 +79,7 @@ def test_out_of_memory_says_what_to_lower(tmp_path):
 
 
 def test_bf16_on_a_gpu_without_it_falls_back_to_fp16(monkeypatch):
-    from medtune import modeling
+    from medtune.train import modeling
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)

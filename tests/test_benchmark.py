@@ -12,9 +12,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import REPO
 from medtune.families import FAMILIES
-from medtune.perf import (LengthModel, medical_o1_lengths, mfu, model_flops_per_token, parameter_count,
+from medtune.bench.perf import (LengthModel, medical_o1_lengths, mfu, model_flops_per_token, parameter_count,
                           prompt_length, steady_state, synthetic_rows)
-from medtune.perf_report import check_targets, render_markdown
+from medtune.bench.report import check_targets, render_markdown
 
 SCRIPT = str(REPO / "scripts" / "benchmark.py")
 
@@ -154,7 +154,7 @@ def test_bad_options_and_report_only(tmp_path):
 
 
 def test_lengths_from_a_dataset_are_the_training_rows():
-    from medtune.benchmark import dataset_lengths
+    from medtune.bench.cli import dataset_lengths
     from medtune.config import SAMPLE_DATASET
 
     pairs = dataset_lengths(SAMPLE_DATASET, "phi3", 2048)

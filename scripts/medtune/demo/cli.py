@@ -8,7 +8,7 @@ or compare two models side by side. The module behind scripts/demo.py.
 import argparse
 import sys
 
-from medtune.backends import BACKENDS, Settings, Stats, load
+from medtune.demo.backends import BACKENDS, Settings, Stats, load
 from medtune.config import REPO_ROOT
 from medtune.errors import UserError, report_user_errors
 

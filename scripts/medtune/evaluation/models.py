@@ -49,7 +49,7 @@ class Source:
 
 
 def _run_source(spec, run_dir, kind, weights=None):
-    from medtune.export import base_source, check_run_folder
+    from medtune.export.cli import base_source, check_run_folder
 
     run_dir, info, cfg = check_run_folder(run_dir)
     base = base_source(info, cfg)

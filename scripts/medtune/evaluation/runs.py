@@ -10,9 +10,9 @@ import statistics
 
 from tqdm.auto import tqdm
 
-from medtune.answers import extract, final_answer, reasoning_block_ok
-from medtune.benchmarks import BENCHMARKS, user_message
-from medtune.evaluation_scoring import answer_nll, generate, loglikelihoods
+from medtune.evaluation.answers import extract, final_answer, reasoning_block_ok
+from medtune.evaluation.tasks import BENCHMARKS, user_message
+from medtune.evaluation.scoring import answer_nll, generate, loglikelihoods
 
 ANSWER_PREFIX = "Answer:"  # loglik mode: the assistant turn opens with it, then each option is scored
 Z95 = 1.959964
@@ -38,7 +38,7 @@ def _progress(task, total):
 
 
 def run_generate(task, items, model, tokenizer, system, stop, args, **_):
-    from medtune.evaluation_models import render
+    from medtune.evaluation.models import render
 
     bench = BENCHMARKS[task.name]
     pending = [it for it in items if it.id not in task.done]
@@ -73,7 +73,7 @@ def run_generate(task, items, model, tokenizer, system, stop, args, **_):
 
 
 def run_loglik(task, items, model, tokenizer, system, args, **_):
-    from medtune.evaluation_models import render
+    from medtune.evaluation.models import render
 
     bench = BENCHMARKS[task.name]
     pending = [it for it in items if it.id not in task.done]
@@ -111,7 +111,7 @@ def run_loglik(task, items, model, tokenizer, system, args, **_):
 
 
 def run_loss(task, rows, model, tokenizer, system, source, args, **_):
-    from medtune.data import assistant_labels, render, to_examples
+    from medtune.train.data import assistant_labels, render, to_examples
     from medtune.errors import UserError
 
     examples = to_examples(rows, task.setup["data"])

@@ -121,7 +121,7 @@ class GGUFBackend(Backend):
 
     def __init__(self, path, n_ctx=4096, threads=None):
         super().__init__()
-        from medtune.gguf_export import gguf_metadata, llama_cpp_module
+        from medtune.export.gguf import gguf_metadata, llama_cpp_module
 
         llama_cpp = llama_cpp_module()
         meta = gguf_metadata(path)
@@ -227,7 +227,7 @@ def run_folder_backend(run_dir):
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from medtune.export import base_source
+        from medtune.export.cli import base_source
 
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         base = AutoModelForCausalLM.from_pretrained(base_source(info, cfg), dtype=torch.float32)

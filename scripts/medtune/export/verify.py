@@ -33,7 +33,7 @@ GREEDY_TOKENS = 16
 def prompts(run_dir, tokenizer, system_prompt):
     """Medical prompts rendered with the run's chat template: held-out questions, and one whole
     conversation (answer and end-of-turn token included) so the answer format is covered too."""
-    from medtune.data import Example, render
+    from medtune.train.data import Example, render
 
     rows = [json.loads(line) for line in (run_dir / "heldout.jsonl").read_text().splitlines() if line.strip()]
     if not rows:
@@ -74,7 +74,7 @@ def adapter_on_base(run_dir, source):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from medtune.merge import base_files
+    from medtune.export.merge import base_files
 
     base_dir, _ = base_files(source)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,7 +85,7 @@ def adapter_on_base(run_dir, source):
 
 
 def verify(run_dir, source, merged_dir, f16_path, ggufs, family, tokenizer, system_prompt):
-    from medtune.gguf_export import gguf_greedy, gguf_logits, gguf_metadata, load_gguf
+    from medtune.export.gguf import gguf_greedy, gguf_logits, gguf_metadata, load_gguf
 
     cases = prompts(run_dir, tokenizer, system_prompt)
     merged = load_reference(merged_dir)
@@ -140,7 +140,7 @@ def verify(run_dir, source, merged_dir, f16_path, ggufs, family, tokenizer, syst
 
 
 def sample_answer(gguf_path, tokenizer, family, system_prompt, run_dir, max_tokens=64):
-    from medtune.gguf_export import gguf_greedy, load_gguf
+    from medtune.export.gguf import gguf_greedy, load_gguf
 
     heldout = (run_dir / "heldout.jsonl").read_text().splitlines()
     question = json.loads(heldout[0])["Question"] if heldout else "What is the first-line treatment of anaphylaxis?"

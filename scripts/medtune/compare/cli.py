@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from medtune.benchmarks import BENCHMARKS, HELDOUT
+from medtune.evaluation.tasks import BENCHMARKS, HELDOUT
 from medtune.errors import UserError, report_user_errors
 from medtune.families import FAMILIES
 
@@ -191,7 +191,7 @@ def benchmarks_section(runs, heads, by_mode):
 
 
 def build(runs, out):
-    from medtune import comparison_plots as plots
+    from medtune.compare import plots
 
     by_mode = {mode: benchmark_rows(runs, mode) for mode in ("generate", "loglik")}
     plots.loss_curves(runs, out / "loss_curves.png")

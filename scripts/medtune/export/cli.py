@@ -24,7 +24,7 @@ RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.yaml", 
 
 
 def parse_args(argv):
-    from medtune.gguf_export import QUANT_TYPES
+    from medtune.export.gguf import QUANT_TYPES
 
     p = argparse.ArgumentParser(prog="scripts/export.py", description=__doc__.split("\n\n")[0],
                                 allow_abbrev=False)
@@ -76,7 +76,7 @@ def base_source(info, cfg):
 
     source = info["base_model"]
     if cfg.get("smoke") and not resolve_path(source).exists():
-        from medtune.modeling import tiny_model_dir
+        from medtune.train.modeling import tiny_model_dir
 
         return str(tiny_model_dir(FAMILIES[info["family"]]))  # seeded: the same weights
     return source
@@ -94,7 +94,7 @@ def count_parameters(base_dir):
 
 def check_disk(where, n_params, quants):
     """Fail before writing anything if the export can't fit."""
-    from medtune.gguf_export import BYTES_PER_PARAM
+    from medtune.export.gguf import BYTES_PER_PARAM
 
     needed = n_params * (2.0 + 2.0 + sum(BYTES_PER_PARAM[q] for q in quants if q != "f16")) * 1.05
     free = shutil.disk_usage(where).free
@@ -143,8 +143,10 @@ def export(args, fail_after=None):
     """Everything but the CLI wrapper. `fail_after` (a stage name) lets tests interrupt an export."""
     import torch
 
-    from medtune import gguf_export, merge, modelfile
-    from medtune.verify import sample_answer, verify
+    from medtune.export import gguf as gguf_export
+    from medtune.export import merge
+    from medtune.export import modelfile
+    from medtune.export.verify import sample_answer, verify
 
     run_dir, info, cfg = check_run_folder(args.run)
     family = FAMILIES[info["family"]]

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from medtune.benchmarks import BENCHMARKS, HELDOUT, VALID, heldout_rows, load_items, parse_names
+from medtune.evaluation.tasks import BENCHMARKS, HELDOUT, VALID, heldout_rows, load_items, parse_names
 from medtune.errors import UserError, report_user_errors
 
 MODES = ("generate", "loglik")
@@ -122,7 +122,7 @@ def read_summary(out, model):
 
 def plan(args):
     """Everything that can be checked before a model is loaded or a file written."""
-    from medtune import evaluation_models as em
+    from medtune.evaluation import models as em
 
     source = em.resolve(args.source)
     names = parse_names(args.benchmarks) if args.benchmarks else [*BENCHMARKS, *([HELDOUT] if source.run_dir else [])]
@@ -163,9 +163,9 @@ def plan(args):
 def evaluate(args):
     import torch
 
-    from medtune import evaluation_models as em
-    from medtune.evaluation_runs import RUNNERS
-    from medtune.train import write_text
+    from medtune.evaluation import models as em
+    from medtune.evaluation.runs import RUNNERS
+    from medtune.train.trainer import write_text
 
     source, tokenizer, data, out, summary, tasks = plan(args)
     system = em.system_prompt(source)

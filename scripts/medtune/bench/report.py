@@ -1,5 +1,5 @@
 """The benchmark's report: tables, targets and BENCHMARKS.md, from benchmark.json's content."""
-from medtune.perf import mfu
+from medtune.bench.perf import mfu
 
 LABELS = {"ours": "(a) this project, defaults", "baseline": "(b) transformers + PEFT QLoRA",
           "notebook": "(c) Unsloth notebook config"}

@@ -1,7 +1,7 @@
 """One measurement of the GPU benchmark, in its own process (Unsloth patches transformers on import,
 so the plain baseline must never share a process with it). Started by scripts/benchmark.py:
 
-    python -m medtune.bench_worker SPEC.json RESULT.json
+    python -m medtune.bench.worker SPEC.json RESULT.json
 
 SPEC["job"] is one of: build (random full-size model, saved pre-quantized in 4-bit), matmul (the
 GPU's bf16 matrix-multiply rate), train (one configuration: ours, baseline or notebook), budget
@@ -44,7 +44,7 @@ def build(spec):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from medtune.families import FAMILIES
-    from medtune.modeling import build_random_model
+    from medtune.train.modeling import build_random_model
 
     family = FAMILIES[spec["family"]]
     out = Path(spec["out"])
@@ -122,7 +122,7 @@ def lora_summary(model):
 
 
 def load_ours(spec, family, cfg):
-    from medtune import modeling
+    from medtune.train import modeling
 
     model, tokenizer, _ = modeling.load_model(spec["model"], cfg)
     family.prepare_tokenizer(tokenizer)
@@ -139,7 +139,7 @@ def ours_config(spec, **extra):
 
 
 def train_ours(spec, family, rows, run_dir, timer):
-    from medtune.train import build_trainer
+    from medtune.train.trainer import build_trainer
 
     cfg = ours_config(spec)
     model, tokenizer, targets = load_ours(spec, family, cfg)
@@ -218,7 +218,7 @@ SETUPS = {"ours": train_ours, "baseline": train_baseline, "notebook": train_note
 
 def train(spec):
     from medtune.families import FAMILIES
-    from medtune.perf import steady_state
+    from medtune.bench.perf import steady_state
 
     if spec["setup"] != "baseline":
         import unsloth  # noqa: F401
@@ -247,8 +247,8 @@ def budget(spec):
     import unsloth  # noqa: F401
 
     from medtune.families import FAMILIES
-    from medtune.perf import synthetic_rows
-    from medtune.train import build_trainer
+    from medtune.bench.perf import synthetic_rows
+    from medtune.train.trainer import build_trainer
 
     family = FAMILIES[spec["family"]]
     if torch.cuda.is_available():

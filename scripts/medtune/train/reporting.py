@@ -5,7 +5,7 @@ import time
 import torch
 from transformers.trainer_callback import ProgressCallback
 
-from medtune.perf import steady_state
+from medtune.bench.perf import steady_state
 
 WARMUP_STEPS_EXCLUDED = 5  # the first steps compile kernels (~30 s on a GPU): not steady state
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medtune.config import REPO_ROOT, resolve_path
-from medtune.data import LOCAL_SUFFIXES, read_local
+from medtune.train.data import LOCAL_SUFFIXES, read_local
 from medtune.errors import UserError
 
 LETTERS = ("A", "B", "C", "D")

@@ -5,7 +5,7 @@ the Unsloth notebook configuration, on full-size random-weight Phi-3-mini / Mist
     python scripts/benchmark.py --models phi3 --steps 20 --out checkpoints/benchmark
     python scripts/benchmark.py --models mistral --skip budget,tuning
 
-Each measurement runs in its own process (medtune.bench_worker). Results go to OUT/benchmark.json
+Each measurement runs in its own process (medtune.bench.worker). Results go to OUT/benchmark.json
 (models not measured this time are kept from an existing file there) and to BENCHMARKS.md.
 """
 import argparse
@@ -20,8 +20,8 @@ from pathlib import Path
 from medtune.config import REPO_ROOT, TrainConfig
 from medtune.errors import UserError
 from medtune.families import FAMILIES
-from medtune.perf import medical_o1_lengths, parameter_count, prompt_length, synthetic_rows
-from medtune.perf_report import check_targets, measured, render_markdown, summary_table
+from medtune.bench.perf import medical_o1_lengths, parameter_count, prompt_length, synthetic_rows
+from medtune.bench.report import check_targets, measured, render_markdown, summary_table
 
 SETUPS = ("ours", "baseline", "notebook")
 PARTS = ("compare", "tuning", "budget")
@@ -99,7 +99,7 @@ class Runner:
         started = time.perf_counter()
         print(f"  {label} ...", flush=True)
         with log_path.open("w") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "medtune.bench_worker", str(spec_path), str(result_path)],
+            proc = subprocess.Popen([sys.executable, "-m", "medtune.bench.worker", str(spec_path), str(result_path)],
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             for line in proc.stdout:
                 log.write(line)
@@ -124,9 +124,9 @@ def dataset_lengths(dataset, family, max_len):
     with the family's real tokenizer (rows over max_len dropped, as training drops them)."""
     from transformers import AutoTokenizer
 
-    from medtune.data import load_rows, to_examples, tokenize_examples
+    from medtune.train.data import load_rows, to_examples, tokenize_examples
     from medtune.offline_tokenizers import tokenizer_dir
-    from medtune.train import read_system_prompt
+    from medtune.train.trainer import read_system_prompt
 
     cfg = TrainConfig(dataset=dataset, max_seq_length=max_len)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(family))
@@ -146,7 +146,7 @@ def lengths_for(args, family, n):
         lengths = model.sample(n, 2048, seed=0)
         return lengths, [prompt_length(x, family) for x in lengths], (
             f"log-normal, mean {model.mean:.0f} tokens, sigma {model.sigma} (medical-o1 length model, "
-            "see scripts/medtune/perf.py), rows over 2048 dropped")
+            "see scripts/medtune/bench/perf.py), rows over 2048 dropped")
     import random
 
     pairs = dataset_lengths(args.lengths_from, family, 2048)
@@ -210,7 +210,7 @@ def run_benchmark(argv=None):
                             "--out folder of an earlier benchmark run.")
         return write_report(json.loads(json_path.read_text()), json_path, Path(args.markdown), out)
     require_gpu()
-    from medtune.train import versions
+    from medtune.train.trainer import versions
 
     out.mkdir(parents=True, exist_ok=True)
     report = json.loads(json_path.read_text()) if json_path.is_file() else {"models": {}}

@@ -25,7 +25,7 @@ from medtune import distributed
 from medtune.config import default_max_steps, effective_batch, parse_config, resolve_path, to_dict
 from medtune.errors import UserError, report_user_errors
 from medtune.families import FAMILIES
-from medtune.resume import check_world_size, newest_checkpoint, resume_config
+from medtune.train.resume import check_world_size, newest_checkpoint, resume_config
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "datasets", "bitsandbytes",
              "accelerate")
@@ -150,13 +150,13 @@ def run(family_name, argv=None, callbacks=()):
 
     # Everything that can be checked is checked before anything is written. Every rank checks the
     # same arguments and files, so a mistake stops every rank here, before they wait for each other.
-    from medtune.data import load_rows, split_examples, to_examples, tokenize_examples
+    from medtune.train.data import load_rows, split_examples, to_examples, tokenize_examples
 
     system_prompt = read_system_prompt(cfg)
     say(f"Loading data from {cfg.dataset} ...")
     examples = to_examples(load_rows(cfg), cfg.dataset)
     distributed.start()
-    from medtune import modeling  # imports Unsloth (slow), after the cheap checks
+    from medtune.train import modeling  # imports Unsloth (slow), after the cheap checks
 
     if cfg.smoke and not cfg.model:
         cfg = dataclasses.replace(cfg, model=str(modeling.tiny_model_dir(family)))
@@ -212,8 +212,8 @@ def _train(family, cfg, run_dir, checkpoint, model, tokenizer, train_rows, eval_
            data_stats, targets, callbacks):
     import torch
 
-    from medtune.modeling import copy_tokenizer_model
-    from medtune.reporting import RunLog, gib, plot_losses, read_metrics
+    from medtune.train.modeling import copy_tokenizer_model
+    from medtune.train.reporting import RunLog, gib, plot_losses, read_metrics
 
     rank0 = distributed.is_main()
     if checkpoint is None and rank0:

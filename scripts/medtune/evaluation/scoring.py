@@ -7,7 +7,7 @@ wastes less on padding.
 """
 import torch
 
-from medtune.data import IGNORE_INDEX
+from medtune.train.data import IGNORE_INDEX
 
 
 def _batches(lengths, batch_size):

@@ -1,0 +1,1 @@
+"""GPU training-speed benchmark."""

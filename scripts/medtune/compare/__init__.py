@@ -1,0 +1,1 @@
+"""The measured Phi-3 vs Mistral report."""

@@ -1,0 +1,1 @@
+"""Evaluation: MedQA, MedMCQA, PubMedQA and held-out loss."""

@@ -1,0 +1,1 @@
+"""Export: merged safetensors, GGUF, Ollama Modelfile, verification."""

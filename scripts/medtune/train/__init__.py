@@ -1,0 +1,1 @@
+"""Training: config to run folder (Unsloth + TRL)."""
