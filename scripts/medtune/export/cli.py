@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from medtune.errors import UserError, report_user_errors
-from medtune.families import FAMILIES
+from medtune.families import FAMILIES, get_family
 
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "run_info.json",
              "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "system_prompt.txt")
@@ -65,8 +65,7 @@ def check_run_folder(path):
                 "--resume." if "adapter_model.safetensors" in missing and any(run_dir.glob("checkpoint-*")) else "")
         raise UserError(f"{path} is not a finished run folder: {', '.join(missing)} missing (found: {found}).{hint}")
     info = json.loads((run_dir / "run_info.json").read_text())
-    if info.get("family") not in FAMILIES:
-        raise UserError(f"{run_dir / 'run_info.json'} names no known model family ({info.get('family')!r}).")
+    get_family(info.get("family"))  # an unknown one: the error lists the families
     return run_dir, info, yaml.safe_load((run_dir / "config.yaml").read_text())
 
 
@@ -178,7 +177,7 @@ def export(args, fail_after=None):
         _maybe_fail(fail_after, "merge")
 
         # llama.cpp applies Phi-3's whitespace rules to models whose name says phi-3 (src/llama-vocab.cpp)
-        model_name = f"{'Phi-3' if family.name == 'phi3' else 'Mistral'} {run_name}"
+        model_name = f"{family.gguf_name} {run_name}"
         ggufs = {q: tmp / f"{run_name}-{q}.gguf" for q in args.quants}
         f16 = ggufs.get("f16", tmp / f"{run_name}-f16.intermediate.gguf")
         stages.run("gguf f16", gguf_export.convert, merged, f16, "f16", model_name)
