@@ -37,7 +37,7 @@ from pathlib import Path
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 MISTRAL_COMMON_VERSION = "1.13.1"
-FAMILIES = ("phi3", "mistral")
+FAMILIES = ("phi3", "mistral", "gemma3")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHAT_TEMPLATES = REPO_ROOT / "prompts" / "chat_templates"
@@ -149,8 +149,8 @@ def llama_cpp_dir() -> Path:
 
 
 def tokenizer_dir(family: str) -> Path:
-    """cache_dir()/tokenizers/<family> ("phi3" or "mistral"), built on first use."""
-    builders = {"phi3": _build_phi3, "mistral": _build_mistral}
+    """cache_dir()/tokenizers/<family> ("phi3", "mistral" or "gemma3"), built on first use."""
+    builders = {"phi3": _build_phi3, "mistral": _build_mistral, "gemma3": _build_gemma3}
     if family not in builders:
         raise ValueError(f"unknown tokenizer family {family!r}; expected one of {FAMILIES}")
     target = cache_dir() / "tokenizers" / family
@@ -256,6 +256,12 @@ def _build_mistral(out: Path) -> None:
     )
 
 
+def _build_gemma3(out: Path) -> None:
+    from medtune.offline_gemma import build_tokenizer  # from the Gemma-3-270M GGUF (a dev requirement)
+
+    build_tokenizer(out)
+
+
 def _save_tokenizer(out: Path, proto, added: dict, family: str, **config) -> None:
     """Write `proto` as tokenizer.model plus the equivalent HF fast tokenizer, with `added` ({id: AddedToken}).
 
@@ -301,8 +307,9 @@ def _save_tokenizer(out: Path, proto, added: dict, family: str, **config) -> Non
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("families", nargs="*", default=list(FAMILIES), metavar="family",
-                        help=f"tokenizers to build: {', '.join(FAMILIES)} (default: all)")
+    # Gemma 3's is built from the Gemma-3-270M weights, a dev requirement (scripts/medtune/offline_gemma.py)
+    parser.add_argument("families", nargs="*", default=["phi3", "mistral"], metavar="family",
+                        help=f"tokenizers to build: {', '.join(FAMILIES)} (default: phi3 mistral)")
     args = parser.parse_args(argv)
     if unknown := sorted(set(args.families) - set(FAMILIES)):
         parser.error(f"unknown tokenizer family {', '.join(unknown)}; expected {', '.join(FAMILIES)}")
