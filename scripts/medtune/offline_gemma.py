@@ -169,7 +169,8 @@ def _build_model(gguf: Path, tokenizer: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     del loaded
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id
     stop = sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")})
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=stop,
                                                pad_token_id=tok.pad_token_id)
