@@ -103,8 +103,8 @@ def choose_torch(driver, offer, supported="torch"):
         cuda = wheel_cuda(version, requires)
         if cuda and cuda <= driver:
             return version, cuda
-        say(f"torch {version} is built for {cuda_text(cuda)}, which this driver ({cuda_text(driver)}) "
-            "does not run; trying the series before it")
+        say(f"torch {version} ({cuda_text(cuda)}) is not a CUDA build this driver ({cuda_text(driver)}) runs; "
+            "trying the series before it")
         series = ".".join(version.split("+")[0].split(".")[:2])
         requirement += f"{',' if requirement != 'torch' else ''}<{series}"
     raise InstallError(
@@ -126,13 +126,19 @@ def torch_for_driver():
             "No torch is installed and `nvidia-smi` names no CUDA driver, so there is no torch to keep "
             "and no driver to choose one for. This install is for Colab and CUDA machines; on a machine "
             "without a GPU run `bash scripts/setup.sh` (it installs the CPU build of torch).")
-    unsloth = offered(next(r for r in requirement_lines() if r.startswith("unsloth==")))
-    supported = next((r.split(";")[0].replace(" ", "") for r in (unsloth or (None, []))[1]
-                      if re.match(r"torch\b", r)), "torch")
-    version, cuda = choose_torch(driver, offered, supported)
+    version, cuda = choose_torch(driver, offered, unsloth_torch_range())
     say(f"no torch installed; the driver supports {cuda_text(driver)} (nvidia-smi), so torch {version} "
         f"(built for {cuda_text(cuda)}, the newest pip offers that the driver runs) will be installed")
     return f"torch=={version}"
+
+
+def unsloth_torch_range():
+    """The torch versions the pinned Unsloth accepts, as a requirement (torch<2.15.0,>=2.4.0)."""
+    found = offered(next(r for r in requirement_lines() if r.startswith("unsloth==")))
+    for req in (found or (None, []))[1]:
+        if re.match(r"torch\s*[<>=!~(]", req) and "extra ==" not in req:
+            return "torch" + re.sub(r"[\s()]", "", req.split(";")[0])[len("torch"):]
+    return "torch"
 
 
 def requirement_lines(export=False):
@@ -224,6 +230,11 @@ def main(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="print what would be installed or changed; change nothing")
     parser.add_argument("--export", action="store_true", help="also requirements-export.txt (llama-cpp-python, built from source)")
     args = parser.parse_args(argv)
+    pip_version = tuple(int(x) for x in re.findall(r"\d+", installed("pip") or "0")[:2])
+    if pip_version < (22, 2):
+        raise InstallError(f"This needs pip 22.2 or newer (for --dry-run --report) in {sys.executable}; it has "
+                           f"{'pip ' + installed('pip') if installed('pip') else 'none'}. Get one first: "
+                           f"{sys.executable} -m ensurepip --upgrade")
     before = {name: installed(name) for name in HELD}
     with tempfile.TemporaryDirectory() as tmp:
         constraints = Path(tmp) / "constraints.txt"

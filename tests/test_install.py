@@ -77,7 +77,7 @@ def test_a_driver_older_than_every_torch_gets_one_message():
 
 
 def test_without_torch_or_a_driver_it_stops_with_one_message(tmp_path):
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", tmp_path / "venv"], check=True)
+    subprocess.run([sys.executable, "-m", "venv", tmp_path / "venv"], check=True)
     r = subprocess.run([tmp_path / "venv/bin/python", REPO / "scripts/install.py", "--dry-run"],
                        capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})  # no nvidia-smi on the path
     assert r.returncode == 2 and "Traceback" not in r.stderr
