@@ -67,7 +67,7 @@ def describe_device():
     return one if n == 1 else f"{n} processes ({distributed.backend()}), rank 0 on {one}"
 
 
-def build_trainer(model, tokenizer, train_rows, eval_rows, cfg, run_dir, callbacks):
+def build_trainer(model, tokenizer, train_rows, eval_rows, cfg, run_dir, callbacks, checkpointing="unsloth"):
     import torch
     from datasets import Dataset
     from transformers.trainer_callback import ProgressCallback
@@ -85,6 +85,8 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, cfg, run_dir, callbac
         eval_steps=cfg.eval_steps, report_to=cfg.report_to, max_length=cfg.max_seq_length, packing=cfg.packing,
         fp16=on_gpu and model.dtype == torch.float16, bf16=on_gpu and model.dtype == torch.bfloat16,
         include_num_input_tokens_seen="non_padding", dataset_num_proc=1,
+        # TRL turns Hugging Face checkpointing on by default: off when none was chosen.
+        **({"gradient_checkpointing": False} if checkpointing == "false" else {}),
         # Under DDP: every LoRA weight gets a gradient each step, and searching for unused ones breaks
         # reentrant gradient checkpointing ("marked as ready twice").
         ddp_find_unused_parameters=False,
@@ -178,7 +180,9 @@ def run(family_name, argv=None, callbacks=()):
     say(f"Data: {train_stats['kept']} training rows, {eval_stats['kept']} held out; {train_stats['too_long']} "
         f"+ {eval_stats['too_long']} longer than {cfg.max_seq_length} tokens {verb}; mean "
         f"{train_stats['mean_tokens']} tokens per row.")
-    model, targets = modeling.attach_lora(model, cfg, family)
+    checkpointing, why = modeling.choose_checkpointing(model, cfg)
+    say(why)
+    model, targets = modeling.attach_lora(model, cfg, family, checkpointing)
 
     # From here on rank 0 writes the run folder: only after every rank has looked at it above, and
     # before any rank trains (the others write their random state into its checkpoints).
@@ -189,18 +193,28 @@ def run(family_name, argv=None, callbacks=()):
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
     distributed.barrier()
-    try:
-        return _train(family, cfg, run_dir, checkpoint, model, tokenizer, train_rows, eval_rows, system_prompt,
-                      eval_ex, dict(train=train_stats, eval=eval_stats), targets, callbacks)
-    except BaseException as e:
+
+    def clean_up():
+        """What a failed run leaves: a fresh run folder without a checkpoint is removed (by rank 0)."""
         if fresh and newest_checkpoint(run_dir) is None:
             if distributed.is_main():
                 shutil.rmtree(run_dir, ignore_errors=True)
-            where = "Nothing was kept."
-        else:
-            where = f"Checkpoints are kept in {run_dir}: add --resume to continue."
+            return "Nothing was kept."
+        return f"Checkpoints are kept in {run_dir}: add --resume to continue."
+
+    from medtune.train.watchdog import watchdog_callback
+
+    watchdog = watchdog_callback(cfg.hang_timeout, clean_up)
+    try:
+        return _train(family, cfg, run_dir, checkpoint, model, tokenizer, train_rows, eval_rows, system_prompt,
+                      eval_ex, dict(train=train_stats, eval=eval_stats), targets, [watchdog, *callbacks], checkpointing)
+    except BaseException as e:
+        watchdog.dog.stop()
+        where = clean_up()
         import torch
 
+        if not isinstance(e, KeyboardInterrupt):  # Ctrl-C reaches every rank by itself
+            distributed.tell_others_stopped("out of memory" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__)
         if isinstance(e, torch.OutOfMemoryError):
             raise UserError(out_of_memory_message(cfg) + " " + where, rank_specific=True) from None
         if isinstance(e, KeyboardInterrupt):
@@ -209,7 +223,7 @@ def run(family_name, argv=None, callbacks=()):
 
 
 def _train(family, cfg, run_dir, checkpoint, model, tokenizer, train_rows, eval_rows, system_prompt, eval_ex,
-           data_stats, targets, callbacks):
+           data_stats, targets, callbacks, checkpointing):
     import torch
 
     from medtune.train.modeling import copy_tokenizer_model
@@ -222,7 +236,7 @@ def _train(family, cfg, run_dir, checkpoint, model, tokenizer, train_rows, eval_
         write_text(run_dir / "chat_template.jinja", tokenizer.chat_template)
         write_text(run_dir / "heldout.jsonl", "".join(json.dumps(ex.as_row()) + "\n" for ex in eval_ex))
     log = RunLog(run_dir / "metrics.jsonl")
-    trainer = build_trainer(model, tokenizer, train_rows, eval_rows, cfg, run_dir, [log, *callbacks])
+    trainer = build_trainer(model, tokenizer, train_rows, eval_rows, cfg, run_dir, [log, *callbacks], checkpointing)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     n = distributed.world_size()
@@ -260,7 +274,8 @@ def _train(family, cfg, run_dir, checkpoint, model, tokenizer, train_rows, eval_
     info = {
         "family": family.name, "base_model": cfg.model, "lora_targets": targets, "dtype": str(model.dtype),
         "device": describe_device(), "ddp_backend": distributed.backend(),
-        "padding_free": bool(getattr(trainer, "padding_free", False)), "tokenizer_model_copied": has_spm, "data": data_stats, "summary": summary, "versions": versions(),
+        "padding_free": bool(getattr(trainer, "padding_free", False)), "gradient_checkpointing": checkpointing,
+        "tokenizer_model_copied": has_spm, "data": data_stats, "summary": summary, "versions": versions(),
         "command": " ".join(sys.argv), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_text(run_dir / "run_info.json", json.dumps(info, indent=2) + "\n")
