@@ -194,21 +194,16 @@ def run(family_name, argv=None, callbacks=()):
         run_dir.mkdir(parents=True)
     distributed.barrier()
 
-    def clean_up():
-        """What a failed run leaves: a fresh run folder without a checkpoint is removed (by rank 0)."""
-        if fresh and newest_checkpoint(run_dir) is None:
-            if distributed.is_main():
-                shutil.rmtree(run_dir, ignore_errors=True)
-            return "Nothing was kept."
-        return f"Checkpoints are kept in {run_dir}: add --resume to continue."
+    from medtune.train.watchdog import failed_run_cleanup, watchdog_callback
 
-    from medtune.train.watchdog import watchdog_callback
-
+    clean_up = failed_run_cleanup(run_dir, fresh)
     watchdog = watchdog_callback(cfg.hang_timeout, clean_up)
     try:
         return _train(family, cfg, run_dir, checkpoint, model, tokenizer, train_rows, eval_rows, system_prompt,
                       eval_ex, dict(train=train_stats, eval=eval_stats), targets, [watchdog, *callbacks], checkpointing)
     except BaseException as e:
+        if not isinstance(e, KeyboardInterrupt):
+            watchdog.dog.follow_others()
         watchdog.dog.stop()
         where = clean_up()
         import torch

@@ -15,6 +15,7 @@ import time
 from medtune import distributed
 
 POLL_S = 0.5
+LAST_S = 30  # at most: the launcher ends this process as soon as the failed rank has exited
 EXIT_STATUS = 1
 
 
@@ -28,6 +29,7 @@ class Watchdog:
         self.last = time.monotonic()
         self.steps = 0
         self.done = threading.Event()
+        self.ending = threading.Lock()
         self.thread = None
 
     def start(self):
@@ -43,12 +45,17 @@ class Watchdog:
     def stop(self):
         self.done.set()
 
+    def follow_others(self):
+        """Stop as the other ranks do if one of them stopped first (a hang, or an error it reported):
+        an error here is then only its echo (the connection to it closed), not worth a traceback."""
+        elsewhere = distributed.stopped_elsewhere()
+        if elsewhere is not None and not elsewhere.startswith(f"rank {distributed.rank()}:"):
+            # A hang is reported by every rank with its stack; an error only by the rank that had it.
+            self._end(f"another process stopped ({elsewhere}), so this one stops too", hang="no progress" in elsewhere)
+
     def _watch(self):
         while not self.done.wait(POLL_S):
-            elsewhere = distributed.stopped_elsewhere()
-            if elsewhere is not None and not elsewhere.startswith(f"rank {distributed.rank()}:"):
-                # A hang is reported by every rank with its stack; an error only by the rank that had it.
-                self._end(f"another process stopped ({elsewhere}), so this one stops too", hang="no progress" in elsewhere)
+            self.follow_others()
             idle = time.monotonic() - self.last
             if idle > self.timeout_s:
                 what = "the first optimizer step" if self.steps == 0 else f"optimizer step {self.steps + 1}"
@@ -58,6 +65,10 @@ class Watchdog:
     def _end(self, reason, hang, first=False):
         if self.done.is_set():  # training ended meanwhile
             return
+        if not self.ending.acquire(blocking=False):  # the other thread is ending the process
+            if threading.current_thread() is self.thread:
+                return
+            time.sleep(3600)
         if first:
             distributed.tell_others_stopped(reason)
         n = distributed.world_size()
@@ -72,7 +83,26 @@ class Watchdog:
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
         distributed.reported()
+        if not hang:  # let the rank that failed exit first: the launcher reports the first exit as the cause
+            time.sleep(LAST_S)
         os._exit(EXIT_STATUS)
+
+
+def failed_run_cleanup(run_dir, fresh):
+    """What a failed or stopped run leaves: a fresh run folder without a checkpoint is removed (by
+    rank 0). Returns the function doing it, which returns the sentence saying so."""
+    import shutil
+
+    from medtune.train.resume import newest_checkpoint
+
+    def clean_up():
+        if fresh and newest_checkpoint(run_dir) is None:
+            if distributed.is_main():
+                shutil.rmtree(run_dir, ignore_errors=True)
+            return "Nothing was kept."
+        return f"Checkpoints are kept in {run_dir}: add --resume to continue."
+
+    return clean_up
 
 
 def watchdog_callback(timeout_s, on_stop):
