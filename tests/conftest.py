@@ -17,7 +17,7 @@ FAMILIES = ("phi3", "mistral")
 
 def train(family, *args, callbacks=()):
     """Run the training entry point in-process; return the run folder."""
-    from medtune.train.trainer import run
+    from medtune.train.cli import run
 
     return run(family, [str(a) for a in args], callbacks=callbacks)
 

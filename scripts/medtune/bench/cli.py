@@ -20,6 +20,7 @@ from pathlib import Path
 from medtune.config import REPO_ROOT, TrainConfig
 from medtune.errors import UserError
 from medtune.families import FAMILIES
+from medtune.fileio import write_json_atomic
 from medtune.bench.perf import medical_o1_lengths, parameter_count, prompt_length, synthetic_rows
 from medtune.bench.report import check_targets, measured, render_markdown, summary_table
 
@@ -216,9 +217,8 @@ def run_benchmark(argv=None):
     report = json.loads(json_path.read_text()) if json_path.is_file() else {"models": {}}
 
     def save():  # after every measurement: a later failure keeps what was measured
-        tmp = json_path.with_name(json_path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.rename(json_path)
+        write_json_atomic(json_path, report, indent=1)
+
     run = Runner(out)
     print(f"Benchmark of {', '.join(args.models)}: {args.warmup} warm-up + {args.steps} measured steps each; "
           f"logs in {out / 'logs'}", flush=True)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from medtune.fileio import write_json_atomic
+
 NOTEBOOK = dict(batch_size=2, grad_accum=4, max_seq_length=2048, r=16, alpha=16)
 
 
@@ -308,10 +310,7 @@ def main():
     spec = json.loads(spec_path.read_text())
     for k, v in spec.get("env", {}).items():
         os.environ[k] = v
-    result = JOBS[spec["job"]](spec)
-    tmp = result_path.with_name(result_path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.rename(result_path)
+    write_json_atomic(result_path, JOBS[spec["job"]](spec), indent=1)
 
 
 if __name__ == "__main__":
