@@ -123,7 +123,7 @@ def test_report_flags_configurations_that_attach_lora_differently_and_failed_run
 
 
 def bench(*args, env=None):
-    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "MEDTUNE_BENCH_ALLOW_CPU"}
+    env = {**os.environ, **(env or {})}
     r = subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
     r.message = " ".join(r.stderr.split())  # the error paragraph, unwrapped
     return r

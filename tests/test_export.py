@@ -17,10 +17,10 @@ from medtune.families import FAMILIES as SPECS
 QUANTS = "q4_k_m,q8_0,f16"
 
 
-def export(*argv, **kw):
+def export(*argv):
     from medtune.export.cli import export as run_export, parse_args
 
-    return run_export(parse_args([str(a) for a in argv]), **kw)
+    return run_export(parse_args([str(a) for a in argv]))
 
 
 @pytest.fixture(scope="session")
@@ -133,11 +133,17 @@ def test_gguf_carries_template_and_special_ids(exported):
     assert "phi-3" in meta["name"].lower()  # llama.cpp keys Phi-3's whitespace handling on the name
 
 
-def test_failure_mid_export_leaves_nothing(smoke_runs, tmp_path):
+def test_failure_mid_export_leaves_nothing(smoke_runs, tmp_path, monkeypatch):
+    from medtune.export import gguf
+
+    def quantize_fails(*args):  # after the real merge and f16 conversion
+        raise RuntimeError("injected failure in quantize")
+
+    monkeypatch.setattr(gguf, "quantize", quantize_fails)
     run = tmp_path / "run"
     shutil.copytree(smoke_runs("mistral"), run, ignore=shutil.ignore_patterns("checkpoint-*", "export"))
     with pytest.raises(RuntimeError, match="injected"):
-        export(run, fail_after="gguf f16")
+        export(run)
     assert sorted(p.name for p in run.iterdir() if "export" in p.name) == []
 
 

@@ -50,11 +50,10 @@ def build(spec):
 
     family = FAMILIES[spec["family"]]
     out = Path(spec["out"])
-    sizes = family.tiny_config if spec.get("tiny") else family.full_config
     dense = out.with_name(out.name + ".bf16")
     started = time.perf_counter()
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    build_random_model(family, dense, sizes, device=device(), dtype=dtype)
+    build_random_model(family, dense, family.full_config, device=device(), dtype=dtype)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(dense, quantization_config=quant, dtype=torch.bfloat16,
