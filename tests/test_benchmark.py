@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import REPO
 from medtune.families import FAMILIES
@@ -45,6 +44,8 @@ def test_synthetic_rows_mask_the_prompt_like_training():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_parameter_count_matches_a_real_model(family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     spec = FAMILIES[family]
     sizes = dict(spec.tiny_config, num_key_value_heads=2)  # grouped-query attention for both
     config = AutoConfig.for_model(spec.model_type, **sizes)

@@ -8,8 +8,7 @@ import pytest
 
 from conftest import REPO
 from medtune.errors import UserError
-from test_evaluate import evaluated  # noqa: F401  (the session's evaluated runs, shared with test_evaluate.py)
-
+pytestmark = pytest.mark.slow
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -19,7 +18,7 @@ def compare(*argv):
     return run_compare(parse_args([str(a) for a in argv]))
 
 
-def test_report_and_charts_from_two_quickstart_runs(evaluated, tmp_path, capsys):  # noqa: F811
+def test_report_and_charts_from_two_quickstart_runs(evaluated, tmp_path, capsys):
     phi, mistral = evaluated("phi3"), evaluated("mistral")
     out = compare(phi, mistral, "--out", tmp_path / "report")
     assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "loss_curves.png", "report.md", "speed_memory.png"]

@@ -3,7 +3,6 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from transformers import AutoTokenizer
 
 from medtune.train.data import IGNORE_INDEX, Example, assistant_labels, conversation_texts, load_rows, to_examples
 from medtune.errors import UserError
@@ -28,6 +27,8 @@ EXPECTED = {
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family_tokenizer(request):
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(tokenizer_dir(request.param))
     tok.chat_template = FAMILIES[request.param].chat_template()
     return FAMILIES[request.param], tok

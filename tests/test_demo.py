@@ -18,6 +18,7 @@ import pytest
 
 from conftest import REPO, train
 
+pytestmark = pytest.mark.slow
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 QUESTIONS = {"Chest pain and ST elevation. What now?": ("ST elevation means infarction.", "Reperfuse now."),
@@ -84,6 +85,7 @@ def browser():
         b.close()
 
 
+@pytest.mark.browser
 def test_browser_chat_streams_reasoning_apart_from_the_answer(server, browser):
     _, url = server
     page = browser.new_page(viewport={"width": 1200, "height": 1000})

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import FAMILIES, REPO
 from medtune.errors import UserError
 from medtune.families import FAMILIES as SPECS
 
+pytestmark = pytest.mark.slow
 QUANTS = "q4_k_m,q8_0,f16"
 
 
@@ -62,6 +62,8 @@ def test_merged_model_loads_without_peft_or_unsloth(exported, family):
         assert (merged / name).is_file(), name
     config = json.loads((merged / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float16"
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(merged)
     gen = json.loads((merged / "generation_config.json").read_text())
     assert tok.convert_tokens_to_ids(SPECS[family].end_of_turn) in gen["eos_token_id"]
@@ -91,6 +93,8 @@ def test_modelfile_matches_the_chat_template(exported, family):
     assert system == (REPO / "prompts/system_prompt.txt").read_text().strip()
     stops = re.findall(r'PARAMETER stop "(.*?)"', text)
     assert stops == list(SPECS[family].stop_tokens) and SPECS[family].end_of_turn in stops
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(final / "merged")
     msgs = [{"role": "system", "content": system}, {"role": "user", "content": "Q?"},
             {"role": "assistant", "content": "A."}]
@@ -104,7 +108,7 @@ def test_modelfile_matches_the_chat_template(exported, family):
 
 def test_a_4bit_base_is_dequantized_before_merging(tmp_path):
     """Unsloth's default bases are bitsandbytes 4-bit checkpoints: export dequantizes, then merges."""
-    from transformers import BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from conftest import train
     from medtune.train.modeling import tiny_model_dir
