@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FAMILIES, REPO
+from conftest import FAMILIES, REPO, copy_run
 from medtune.errors import UserError
 from medtune.families import FAMILIES as SPECS
 
@@ -179,6 +179,24 @@ def test_not_a_run_folder(tmp_path):
     with pytest.raises(UserError) as e:
         export(tmp_path)
     assert "adapter_model.safetensors" in str(e.value) and "found: notes.txt" in str(e.value)
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda run: (run / "adapter_model.safetensors").write_bytes((run / "adapter_model.safetensors").read_bytes()[:-999]),
+     ["adapter_model.safetensors is cut short", "Restore the damaged file"]),
+    (lambda run: (run / "tokenizer.model").unlink(), ["tokenizer.model missing", "Copy the base model's tokenizer.model"]),
+])
+def test_a_damaged_run_folder_stops_before_the_merge(smoke_runs, tmp_path, monkeypatch, damage, words):
+    from medtune.export import merge
+
+    monkeypatch.setattr(merge, "merge", lambda *a, **k: pytest.fail("a damaged run folder was merged"))
+    run = copy_run(smoke_runs("phi3"), tmp_path / "run")
+    damage(run)
+    with pytest.raises(UserError) as e:
+        export(run)
+    for w in [*words, "(found: ", "adapter_config.json, adapter_model.safetensors, chat_template.jinja, config.yaml"]:
+        assert w in str(e.value), str(e.value)
+    assert not any("export" in p.name for p in run.iterdir())
 
 
 def test_adapter_that_does_not_match_the_base(smoke_runs, tmp_path):

@@ -157,8 +157,7 @@ def _build_phi3(out: Path) -> None:
     def field(key: str):
         return reader.fields[key].contents()
 
-    tokens, scores, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.scores"), \
-        field("tokenizer.ggml.token_type")
+    tokens, scores, types = (field(f"tokenizer.ggml.{key}") for key in ("tokens", "scores", "token_type"))
     if tokens[:3] != ["<unk>", "<s>", "</s>"]:
         raise ValueError(f"unexpected Phi-3 vocabulary head {tokens[:3]}")
 
@@ -181,8 +180,8 @@ def _build_phi3(out: Path) -> None:
     proto.trainer_spec.model_type = spm_pb2.TrainerSpec.BPE
     proto.trainer_spec.vocab_size = _PHI3_SPM_PIECES
     proto.trainer_spec.byte_fallback = True
-    proto.trainer_spec.unk_id, proto.trainer_spec.bos_id, proto.trainer_spec.eos_id = 0, 1, 2
-    proto.trainer_spec.pad_id = -1
+    spec = proto.trainer_spec
+    spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = 0, 1, 2, -1
     proto.normalizer_spec.name = "identity"
     proto.normalizer_spec.add_dummy_prefix = True
     proto.normalizer_spec.remove_extra_whitespaces = False

@@ -7,7 +7,6 @@ or compare two models side by side. The module behind scripts/demo.py.
 """
 import argparse
 import sys
-from functools import partial
 
 from medtune.demo.backends import BACKENDS, Settings, Stats, load
 from medtune.errors import UserError, parse_options, report_user_errors
@@ -182,7 +181,10 @@ def build(backends, defaults):
         if len(backends) > 1:
             with gr.Tab("Compare"):
                 compare_tab(backends, generation)
-        gr.Button(visible=False).click(partial(ask, primary), [question, system, *generation],
+        def ask_primary(question, system, max_new, temperature, top_p, penalty):
+            return ask(primary, question, system, max_new, temperature, top_p, penalty)
+
+        gr.Button(visible=False).click(ask_primary, [question, system, *generation],
                                        gr.Textbox(visible=False), api_name="ask", concurrency_id="model-0")
     return demo
 
