@@ -178,9 +178,7 @@ def models(source, compare_base):
 
 def stop_ids(model, tokenizer, source):
     """Token ids that end an answer: EOS, the family's end-of-turn token, the model's own EOS ids."""
-    ids = {tokenizer.eos_token_id}
-    if source.family:
-        ids.add(tokenizer.convert_tokens_to_ids(source.family.end_of_turn))
+    ids = set(source.family.stop_ids(tokenizer)) if source.family else {tokenizer.eos_token_id}
     configured = model.generation_config.eos_token_id
     ids.update(configured if isinstance(configured, list) else [configured])
     return sorted(i for i in ids if i is not None)
