@@ -246,8 +246,9 @@ def trained_system_prompt(path):
 def load(path, backend="auto", n_ctx=4096):
     """The backend for a run folder, an export folder, a merged model folder or a .gguf file, with the
     system prompt its model was trained with."""
+    system_prompt = trained_system_prompt(path)  # a damaged run folder stops the demo before any loading
     model = _load_model(path, backend, n_ctx)
-    model.system_prompt = trained_system_prompt(path)
+    model.system_prompt = system_prompt
     return model
 
 
