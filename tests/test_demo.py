@@ -152,6 +152,7 @@ def test_each_model_starts_from_the_system_prompt_it_was_trained_with(server, br
     _, url = server
     page = browser.new_page(viewport={"width": 1200, "height": 1000})
     page.goto(url)
+    page.get_by_text("System prompt and generation settings").click()  # the accordion opens
     assert page.locator("#system-prompt textarea").input_value() == PROMPTS["answers"]
     page.get_by_role("tab", name="Compare").click()
     for i, name in enumerate(PROMPTS):
