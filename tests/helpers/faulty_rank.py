@@ -17,7 +17,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from medtune import distributed  # noqa: E402
 from medtune.errors import report_user_errors  # noqa: E402
-from medtune.train.trainer import run  # noqa: E402
+from medtune.train.cli import run  # noqa: E402
 
 
 class Fault(TrainerCallback):
