@@ -23,6 +23,8 @@ from medtune.evaluation.tasks import BENCHMARKS, HELDOUT, VALID, heldout_rows, l
 from medtune.errors import UserError, report_user_errors
 
 MODES = ("generate", "loglik")
+ENGINES = ("continuous", "static")  # medtune.evaluation.generation
+MERGE = False  # --engine continuous: add the adapter into 16-bit weights (see models.models)
 DEFAULT_SEED = 1234
 
 
@@ -47,7 +49,14 @@ def parse_args(argv):
                    help="a local .jsonl/.json/.csv/.parquet file for one benchmark, in the Hub dataset's columns; "
                         "repeatable")
     p.add_argument("--out", help="output folder (default: <run>/eval, <run>/export/eval, or reports/eval/<model>)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--engine", choices=ENGINES, default="continuous",
+                   help="generate mode: continuous (transformers' continuous batching, 4-bit weights unpacked to "
+                        "16 bits where they fit the GPU) or static (model.generate over fixed batches of --batch-size "
+                        "prompts, the weights as stored); the answers are the same (default: continuous)")
+    p.add_argument("--batch-size", type=int,
+                   help="prompts per forward pass in loglik mode, the held-out loss and --engine static (default 8); "
+                        "with --engine continuous, the most rows generated at once (default: as many as the GPU's "
+                        "memory holds)")
     p.add_argument("--max-new-tokens", type=int, default=1024,
                    help="generate mode: most tokens of reasoning and answer; a response cut off inside <think> counts "
                         "as unparseable (default 1024)")
@@ -172,7 +181,8 @@ def evaluate(args):
     for name, (items, where) in data.items():
         print(f"{name}: {len(items)} {'rows' if name == HELDOUT else 'items'} from {where}", flush=True)
     written = []
-    for role, model in em.models(source, args.compare_base):
+    fast = args.engine == "continuous" and "generate" in args.modes
+    for role, model in em.models(source, args.compare_base, fast=fast, merge=fast and MERGE):
         context = dict(model=model, tokenizer=tokenizer, system=system, stop=em.stop_ids(model, tokenizer, source),
                        source=source, args=args)
         for task in (t for t in tasks if t.role == role):
@@ -180,10 +190,12 @@ def evaluate(args):
             try:
                 entry = RUNNERS[task.mode](task, data[task.name][0], **context)
             except torch.OutOfMemoryError:
-                raise UserError(f"Out of GPU memory on {task.key} ({role}) with --batch-size {args.batch_size}"
+                raise UserError(f"Out of GPU memory on {task.key} ({role}) with --batch-size {args.batch_size or 8}"
                                 f"{f' and --max-new-tokens {args.max_new_tokens}' if task.mode == 'generate' else ''}. "
                                 "Lower them and run the same command again: finished items are kept in "
                                 f"{task.path} and are not evaluated again.") from None
+            if task.mode == "generate":
+                entry["weights"] = em.weights_of(model)
             summary["results"].setdefault(role, {})[task.key] = {
                 **entry, "file": str(task.path.relative_to(out)), **task.setup,
                 **({} if task.mode == "loss" else {"limit": args.limit, "seed": args.seed})}
