@@ -95,8 +95,9 @@ def resolve(spec):
                     "with config.json.")
 
 
-def load_tokenizer(source):
-    """The tokenizer with the chat template the model was trained with; an error when it has none."""
+def load_tokenizer(source, chat=True):
+    """The tokenizer with the chat template the model was trained with; an error when it has none
+    and `chat` prompts are to be rendered."""
     from transformers import AutoTokenizer
 
     where = source.run_dir if source.kind == "run" else source.weights
@@ -107,7 +108,7 @@ def load_tokenizer(source):
                         "network.") from None
     if source.kind == "run":
         tokenizer.chat_template = (source.run_dir / "chat_template.jinja").read_text()
-    if not tokenizer.chat_template:
+    if chat and not tokenizer.chat_template:
         raise UserError(f"{source.spec} has no chat template, so its prompts can't be rendered as the model expects. "
                         "Evaluate the run folder it came from, or add a chat_template.jinja (or the chat_template key "
                         "in tokenizer_config.json) to the model folder.")

@@ -87,7 +87,11 @@ def run_loglik(task, items, model, tokenizer, system, args, **_):
 
     bench = BENCHMARKS[task.name]
     pending = [it for it in items if it.id not in task.done]
-    contexts = [render(tokenizer, system, user_message(it, bench, "loglik"), ANSWER_PREFIX) for it in pending]
+    lm_eval = task.prompt_format == "lm-eval"
+    if lm_eval:  # lm-eval's plain context; its tokenizer call adds what the tokenizer adds by default (BOS)
+        contexts = [it.text for it in pending]
+    else:
+        contexts = [render(tokenizer, system, user_message(it, bench, "loglik"), ANSWER_PREFIX) for it in pending]
     requests, owner = [], []  # one request per option; owner[r] = (item index, option index)
     for i, (item, context) in enumerate(zip(pending, contexts)):
         for k, label in enumerate(item.labels):
@@ -95,7 +99,7 @@ def run_loglik(task, items, model, tokenizer, system, args, **_):
             owner.append((i, k))
     scores = [dict() for _ in pending]
     with task.path.open("a") as f, _progress(task, len(pending)) as bar:
-        for batch in loglikelihoods(model, tokenizer, requests, args.batch_size or 8):
+        for batch in loglikelihoods(model, tokenizer, requests, args.batch_size or 8, special_tokens=lm_eval):
             for r, loglik in batch:
                 i, k = owner[r]
                 scores[i][k] = loglik
