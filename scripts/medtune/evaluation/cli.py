@@ -69,14 +69,7 @@ def parse_args(argv):
                         "as unparseable (default 1024)")
     args, unknown = p.parse_known_args(argv)
     problems = [f"Unknown option(s): {' '.join(unknown)}; run with --help to list every option."] if unknown else []
-    lm_eval = args.prompt_format == "lm-eval"
-    args.mode = args.mode or ("loglik" if lm_eval else "generate")
-    args.modes = list(dict.fromkeys(m.strip() for m in args.mode.split(",") if m.strip()))
-    if not args.modes or any(m not in MODES for m in args.modes):
-        problems.append(f"--mode {args.mode!r} is not one of generate, loglik (or both: generate,loglik).")
-    elif lm_eval and "generate" in args.modes:
-        problems.append("--prompt-format lm-eval scores by log-likelihood only, as lm-evaluation-harness scores these "
-                        "tasks: use --mode loglik (the default with it), or drop --prompt-format for generate mode.")
+    problems += _check_modes(args)
     for name in ("limit", "batch_size", "max_new_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -91,6 +84,19 @@ def parse_args(argv):
     if problems:
         raise UserError(" ".join(problems))
     return args
+
+
+def _check_modes(args):
+    problems = []
+    lm_eval = args.prompt_format == "lm-eval"
+    args.mode = args.mode or ("loglik" if lm_eval else "generate")
+    args.modes = list(dict.fromkeys(m.strip() for m in args.mode.split(",") if m.strip()))
+    if not args.modes or any(m not in MODES for m in args.modes):
+        problems.append(f"--mode {args.mode!r} is not one of generate, loglik (or both: generate,loglik).")
+    elif lm_eval and "generate" in args.modes:
+        problems.append("--prompt-format lm-eval scores by log-likelihood only, as lm-evaluation-harness scores these "
+                        "tasks: use --mode loglik (the default with it), or drop --prompt-format for generate mode.")
+    return problems
 
 
 @dataclass
