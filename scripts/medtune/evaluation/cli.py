@@ -24,7 +24,6 @@ from medtune.errors import UserError, report_user_errors
 
 MODES = ("generate", "loglik")
 ENGINES = ("continuous", "static")  # medtune.evaluation.generation
-MERGE = False  # --engine continuous: add the adapter into 16-bit weights (see models.models)
 DEFAULT_SEED = 1234
 
 
@@ -211,7 +210,7 @@ def evaluate(args):
         print(f"{name}: {len(items)} {'rows' if name == HELDOUT else 'items'} from {where}", flush=True)
     written = []
     fast = args.engine == "continuous" and "generate" in args.modes
-    for role, model in em.models(source, args.compare_base, fast=fast, merge=fast and MERGE):
+    for role, model in em.models(source, args.compare_base, fast=fast):
         context = dict(model=model, tokenizer=tokenizer, system=system, stop=em.stop_ids(model, tokenizer, source),
                        source=source, args=args)
         for task in (t for t in tasks if t.role == role):

@@ -185,23 +185,16 @@ def weights_of(model):
     return "4-bit" if quantizer is not None else str(model.dtype).removeprefix("torch.")
 
 
-def models(source, compare_base, fast=False, merge=False):
-    """(role, model) pairs, one model in memory at a time: "finetuned" and "base" for a run or an
+def models(source, compare_base, fast=False):
+    """(role, model) pairs, one model in memory at a time: "finetuned" then "base" for a run or an
     export, "model" for anything else. Consume it fully: a run's base is its adapter switched off.
 
-    `fast` unpacks 4-bit weights to 16 bits where they fit. `merge` then adds the adapter into
-    those weights: merging cannot be undone exactly in 16 bits, so the base (adapter off) comes
-    first. Into 4-bit weights it is never merged (that would round them again)."""
+    `fast` unpacks 4-bit weights to 16 bits where they fit. The adapter stays unmerged: adding it
+    into 16-bit weights would round its small deltas away (and gained 11% on an H200, BENCHMARKS.md)."""
     if source.kind == "run":
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(load_weights(source.weights, fast), source.adapter).eval()
-        if merge and weights_of(model) != "4-bit":
-            if compare_base:
-                with model.disable_adapter():
-                    yield "base", model
-            yield "finetuned", model.merge_and_unload()
-            return
         yield "finetuned", model
         if compare_base:
             with model.disable_adapter():
