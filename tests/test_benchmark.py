@@ -211,3 +211,13 @@ def test_lengths_from_a_dataset_are_the_training_rows():
     assert 590 < sum(n for n, _ in pairs) / 64 < 605  # rendered with system prompt and template, as trained
     assert all(0 < p < n for n, p in pairs)
     assert len(dataset_lengths(SAMPLE_DATASET, "mistral", 560)) < 64  # rows over the limit dropped
+
+
+def test_report_only_keeps_the_sections_other_benchmarks_write(tmp_path):
+    (tmp_path / "benchmark.json").write_text(json.dumps(REPORT))
+    md = tmp_path / "BENCHMARKS.md"
+    evaluation = "\n## Evaluation: generation throughput\n\nWritten by scripts/bench_eval.py.\n"
+    md.write_text("# Training benchmarks\n\nAn older training report.\n" + evaluation)
+    r = bench("--report-only", "--out", tmp_path, "--markdown", md)
+    assert r.returncode == 0, r.stderr
+    assert md.read_text() == render_markdown(REPORT) + evaluation

@@ -266,8 +266,19 @@ def run_benchmark(argv=None):
     return write_report(report, json_path, Path(args.markdown), out)
 
 
+# Sections of BENCHMARKS.md that other benchmarks write (scripts/bench_eval.py): kept when this one rewrites it.
+OTHER_SECTIONS = ("## Evaluation",)
+
+
+def kept_sections(md):
+    """The part of an existing report from the first section another benchmark owns, or ""."""
+    text = md.read_text() if md.is_file() else ""
+    starts = [text.index("\n" + head) for head in OTHER_SECTIONS if "\n" + head in text]
+    return text[min(starts):] if starts else ""
+
+
 def write_report(report, json_path, md, out):
-    md.write_text(render_markdown(report))
+    md.write_text(render_markdown(report).rstrip("\n") + "\n" + kept_sections(md))
     print("\n" + summary_table(report))
     print("\n".join(check_targets(report)))
     print(f"\nWrote {json_path} (every number), {md} (the report) and {out / 'logs'}/ (one log per process).")
