@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 from medtune.families import FAMILIES
 
@@ -13,6 +15,7 @@ def main(argv):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_bench_eval_measures_compares_and_reports(tmp_path):
     from medtune.train.modeling import tiny_model_dir
 

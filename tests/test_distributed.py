@@ -213,6 +213,7 @@ def test_accelerate_launch_runs_the_same_checks(ddp):
 FAULTY = "tests/helpers/faulty_rank.py"
 
 
+@pytest.mark.distributed
 def test_a_stalled_rank_stops_every_rank_with_where_each_waits(root):
     """Rank 1 sleeps before step 2; rank 0 waits for its gradients. Neither may wait forever."""
     hung = Launch(root, "stall", "--run-name", "stall", "--save-steps", 100, "--hang-timeout", 20,
@@ -229,6 +230,7 @@ def test_a_stalled_rank_stops_every_rank_with_where_each_waits(root):
     assert not (root / "runs" / "stall").exists()  # a fresh run folder with no checkpoint is not left behind
 
 
+@pytest.mark.distributed
 def test_a_rank_that_fails_stops_every_rank_with_one_message(root):
     """Rank 1 runs out of memory at step 2 while rank 0 waits for its gradients."""
     failed = Launch(root, "oom", "--run-name", "oom", "--save-steps", 100, script=(FAULTY, "oom", 1, 2), ok=False)

@@ -219,6 +219,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "no run folder or model folder" in r.stderr
 
 
+@pytest.mark.slow
 def test_static_engine_gives_the_same_answers_and_both_report_throughput(evaluated, tmp_path, capsys):
     """The default engine (continuous batching) against the earlier one (model.generate in static
     batches): token-identical outputs on the tiny models, for the adapter and for the base."""

@@ -42,6 +42,7 @@ def lm_eval_scores(lm, task):
             for doc_id, (doc, context, res) in by_doc.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lm_eval_format_matches_lm_evaluation_harness(family, tmp_path):
     from lm_eval.models.huggingface import HFLM
