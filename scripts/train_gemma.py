@@ -6,7 +6,7 @@
     python scripts/train_gemma.py             # the real run on a GPU: unsloth/gemma-3-1b-it-bnb-4bit
     python scripts/train_gemma.py --help      # every option
 """
-from medtune.train.trainer import main
+from medtune.train.cli import main
 
 if __name__ == "__main__":
     main("gemma3")

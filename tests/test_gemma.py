@@ -234,7 +234,7 @@ def test_modelfile_template_and_stops_match_the_family(gemma_export):
 
 @pytest.mark.slow
 def test_evaluation_and_demo_on_the_real_model(gemma_run, gemma_export):
-    from test_evaluate import evaluate
+    from conftest import evaluate
 
     from medtune.demo.backends import Settings, Stats, load
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from conftest import FAMILIES, REPO, train
 from medtune.config import SAMPLE_DATASET, to_dict, TrainConfig
@@ -25,6 +24,7 @@ def losses(run_dir):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow
 def test_smoke_run_writes_a_complete_run_folder(smoke_runs, family):
     run_dir = smoke_runs(family)
     for name in RUN_FILES:
@@ -59,6 +59,7 @@ def test_smoke_run_writes_a_complete_run_folder(smoke_runs, family):
     assert [r["step"] for r in records if "eval_loss" in r] == [6, 12]
 
 
+@pytest.mark.slow
 def test_saved_config_reproduces_the_run(smoke_runs, runs_root):
     original = smoke_runs("phi3")
     again = train("phi3", "--config", original / "config.yaml", "--output-dir", runs_root, "--run-name", "phi3-again")
@@ -66,21 +67,23 @@ def test_saved_config_reproduces_the_run(smoke_runs, runs_root):
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
 
 
-class StopAt(TrainerCallback):
-    """Stands in for a crash or Ctrl-C part-way through training."""
+def stop_at(step):
+    """A callback that stands in for a crash or Ctrl-C part-way through training."""
+    from transformers import TrainerCallback
 
-    def __init__(self, step):
-        self.step = step
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise KeyboardInterrupt
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
+    return StopAt()
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_saved_step(smoke_runs, runs_root):
     reference = losses(smoke_runs("mistral"))
     with pytest.raises(KeyboardInterrupt):
-        train("mistral", "--smoke", "--output-dir", runs_root, "--run-name", "cut", callbacks=[StopAt(8)])
+        train("mistral", "--smoke", "--output-dir", runs_root, "--run-name", "cut", callbacks=[stop_at(8)])
     run_dir = runs_root / "cut"
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-6"]
     assert not (run_dir / "adapter_model.safetensors").exists()
@@ -94,12 +97,14 @@ def test_resume_continues_at_the_saved_step(smoke_runs, runs_root):
     assert all(abs(resumed[k] - reference[k]) < 1e-3 for k in range(7, 13)), (resumed, reference)
 
 
+@pytest.mark.slow
 def test_resume_may_extend_but_not_change_the_run(smoke_runs, runs_root):
     run_dir = smoke_runs("phi3")
     with pytest.raises(UserError, match="lora_r"):
         train("phi3", "--smoke", "--output-dir", runs_root, "--run-name", run_dir.name, "--resume", "--lora-r", "8")
 
 
+@pytest.mark.slow
 def test_lora_learns_and_the_base_stays_frozen(tmp_path):
     """A few steps on a repeated small batch: loss falls by at least half, LoRA weights move, base weights don't."""
     from medtune.train.modeling import attach_lora, load_model, tiny_model_dir
@@ -130,6 +135,7 @@ def test_lora_learns_and_the_base_stays_frozen(tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow
 def test_preset_targets_exist_in_the_family_model(family):
     from medtune.train.modeling import attach_lora, linear_names, load_model, tiny_model_dir
     from medtune.config import parse_config
@@ -152,6 +158,7 @@ def test_target_resolution_handles_fused_and_split_weights():
     assert resolve_lora_targets(["q_proj", "c_attn"], fused) == (["qkv_proj"], ["c_attn"])
 
 
+@pytest.mark.slow
 def test_quickstart_command_runs_on_cpu(tmp_path):
     """The README's quickstart, as a user runs it: the real CLI, a fresh process."""
     r = subprocess.run([sys.executable, "scripts/train_mistral.py", "--smoke", "--output-dir", tmp_path],
@@ -161,3 +168,43 @@ def test_quickstart_command_runs_on_cpu(tmp_path):
     assert "training on CPU" in out  # no GPU: a warning and Unsloth's CPU path, not a failure
     assert "step 12/12 | loss" in out and "Done: 12 steps" in out
     assert f"Wrote {tmp_path / 'mistral-smoke'}/:" in out
+
+
+GIB = 2**30
+
+
+def test_auto_checkpointing_keeps_activations_only_where_they_fit():
+    from medtune.train.memory import HEADROOM, MARGIN, activation_bytes, choose_checkpointing
+
+    phi3, mistral = (FAMILY_SPECS[f].full_config for f in ("phi3", "mistral"))
+    need = activation_bytes(phi3, 8 * 2048)  # the defaults' worst step: 8 rows of 2048 tokens
+    assert 50 * GIB < need < 60 * GIB
+    assert activation_bytes(mistral, 8 * 2048) > need and activation_bytes(phi3, 2048) == need / 8
+    # An H200 with a 4-bit model loaded (~134 GiB free) keeps them; a T4 (or the 15 GB cap) recomputes.
+    choice, line = choose_checkpointing("auto", need, 134 * GIB)
+    assert choice == "false" and "none" in line and f"{need / GIB:.1f} GiB" in line and "134.0 GiB" in line
+    assert choose_checkpointing("auto", activation_bytes(mistral, 8 * 2048), 134 * GIB)[0] == "false"
+    assert choose_checkpointing("auto", need, 13 * GIB)[0] == "unsloth"
+    assert choose_checkpointing("auto", need, 74 * GIB)[0] == "false"  # an 80 GB H100: Phi-3 fits...
+    assert choose_checkpointing("auto", activation_bytes(mistral, 8 * 2048), 74 * GIB)[0] == "unsloth"  # ...Mistral not
+    edge = int(need * MARGIN + HEADROOM)
+    assert choose_checkpointing("auto", need, edge + 1)[0] == "false"
+    assert choose_checkpointing("auto", need, edge - 1)[0] == "unsloth"
+    assert choose_checkpointing("auto", need, None)[0] == "unsloth"  # no GPU to measure: the old default
+    for asked in ("unsloth", "true", "false"):
+        choice, line = choose_checkpointing(asked, need, 1)
+        assert choice == asked and "as asked" in line
+    with pytest.raises(ValueError):
+        choose_checkpointing("sometimes", need, 1)
+
+
+def test_gradient_checkpointing_option_lists_its_choices():
+    from medtune.config import parse_config, validate
+
+    cfg, _ = parse_config([], "phi3", "t", "t")
+    assert cfg.gradient_checkpointing == "auto" and cfg.hang_timeout == 600
+    assert parse_config(["--gradient-checkpointing", "false"], "phi3", "t", "t")[0].gradient_checkpointing == "false"
+    with pytest.raises(UserError, match="--gradient-checkpointing must be one of auto, unsloth, true, false"):
+        validate(TrainConfig(gradient_checkpointing="maybe"))  # from a --config YAML file
+    with pytest.raises(UserError, match="--hang-timeout must be at least 1"):
+        parse_config(["--hang-timeout", "0"], "phi3", "t", "t")

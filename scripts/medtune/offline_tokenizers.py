@@ -25,21 +25,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+
+if not __package__:  # run as a file: its own folder is on sys.path, the package's parent is not
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from medtune.config import REPO_ROOT  # noqa: E402
+from medtune.fileio import atomic_dir, write_text_atomic  # noqa: E402
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 MISTRAL_COMMON_VERSION = "1.13.1"
-FAMILIES = ("phi3", "mistral", "gemma3")
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CHAT_TEMPLATES = REPO_ROOT / "prompts" / "chat_templates"
 
 # The parts of vendor/llama.cpp that the toolkit uses: the Phi-3 vocabulary and its test vectors, and what
@@ -68,28 +69,6 @@ class OfflineSetupError(RuntimeError):
 def cache_dir() -> Path:
     """Root of the medtune cache: $MEDTUNE_CACHE, or <repo>/.cache/medtune."""
     return Path(os.environ.get("MEDTUNE_CACHE") or REPO_ROOT / ".cache" / "medtune")
-
-
-@contextmanager
-def _atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield an empty folder that becomes `target` only if the block succeeds.
-
-    The folder is a sibling of `target`, so the final rename is atomic: a reader never sees half a
-    build. If another process renamed its own build into place first, theirs is kept.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left behind by a killed run that had the same pid
-    tmp.mkdir()
-    try:
-        yield tmp
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _pip_download(filename: str, requirement: str, *pip_args: str) -> Path:
@@ -140,7 +119,7 @@ def llama_cpp_dir() -> Path:
                 yield member
 
     sdist = llama_cpp_sdist()
-    with _atomic_dir(target) as tmp, tarfile.open(sdist) as tar:
+    with atomic_dir(target) as tmp, tarfile.open(sdist) as tar:
         tar.extractall(tmp, members=wanted(tar), filter="data")
         missing = [name for name in _LLAMA_CPP_FILES if not (tmp / name).is_file()]
         if missing:
@@ -150,20 +129,17 @@ def llama_cpp_dir() -> Path:
 
 def tokenizer_dir(family: str) -> Path:
     """cache_dir()/tokenizers/<family> ("phi3", "mistral" or "gemma3"), built on first use."""
-    builders = {"phi3": _build_phi3, "mistral": _build_mistral, "gemma3": _build_gemma3}
-    if family not in builders:
-        raise ValueError(f"unknown tokenizer family {family!r}; expected one of {FAMILIES}")
+    if family not in BUILDERS:
+        raise ValueError(f"unknown tokenizer family {family!r}; expected one of {tuple(BUILDERS)}")
     target = cache_dir() / "tokenizers" / family
     if not target.is_dir():
-        with _atomic_dir(target) as tmp:
-            builders[family](tmp)
+        with atomic_dir(target) as tmp:
+            BUILDERS[family](tmp)
     # The chat template is the repo's file, which can change after the build: keep the cached copy current.
     template = _chat_template(family)
     cached = target / "chat_template.jinja"
     if cached.read_text(encoding="utf-8") != template:
-        tmp_file = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
-        tmp_file.write_text(template, encoding="utf-8")
-        os.replace(tmp_file, cached)
+        write_text_atomic(cached, template)
     return target
 
 
@@ -181,8 +157,7 @@ def _build_phi3(out: Path) -> None:
     def field(key: str):
         return reader.fields[key].contents()
 
-    tokens, scores, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.scores"), \
-        field("tokenizer.ggml.token_type")
+    tokens, scores, types = (field(f"tokenizer.ggml.{key}") for key in ("tokens", "scores", "token_type"))
     if tokens[:3] != ["<unk>", "<s>", "</s>"]:
         raise ValueError(f"unexpected Phi-3 vocabulary head {tokens[:3]}")
 
@@ -205,8 +180,8 @@ def _build_phi3(out: Path) -> None:
     proto.trainer_spec.model_type = spm_pb2.TrainerSpec.BPE
     proto.trainer_spec.vocab_size = _PHI3_SPM_PIECES
     proto.trainer_spec.byte_fallback = True
-    proto.trainer_spec.unk_id, proto.trainer_spec.bos_id, proto.trainer_spec.eos_id = 0, 1, 2
-    proto.trainer_spec.pad_id = -1
+    spec = proto.trainer_spec
+    spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = 0, 1, 2, -1
     proto.normalizer_spec.name = "identity"
     proto.normalizer_spec.add_dummy_prefix = True
     proto.normalizer_spec.remove_extra_whitespaces = False
@@ -305,14 +280,17 @@ def _save_tokenizer(out: Path, proto, added: dict, family: str, **config) -> Non
     (out / "tokenizer.model").write_bytes(proto.SerializeToString())
 
 
+# the families whose tokenizers are built here; Gemma 3's from the Gemma-3-270M GGUF, a dev requirement
+BUILDERS = {"phi3": _build_phi3, "mistral": _build_mistral, "gemma3": _build_gemma3}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # Gemma 3's is built from the Gemma-3-270M weights, a dev requirement (scripts/medtune/offline_gemma.py)
     parser.add_argument("families", nargs="*", default=["phi3", "mistral"], metavar="family",
-                        help=f"tokenizers to build: {', '.join(FAMILIES)} (default: phi3 mistral)")
+                        help=f"tokenizers to build: {', '.join(BUILDERS)} (default: phi3 mistral)")
     args = parser.parse_args(argv)
-    if unknown := sorted(set(args.families) - set(FAMILIES)):
-        parser.error(f"unknown tokenizer family {', '.join(unknown)}; expected {', '.join(FAMILIES)}")
+    if unknown := sorted(set(args.families) - set(BUILDERS)):
+        parser.error(f"unknown tokenizer family {', '.join(unknown)}; expected {', '.join(BUILDERS)}")
     for family in dict.fromkeys(args.families):
         try:
             path = tokenizer_dir(family)

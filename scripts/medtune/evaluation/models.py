@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from medtune.config import REPO_ROOT, resolve_path
+from medtune.config import default_system_prompt, resolve_path
 from medtune.errors import UserError
 from medtune.families import FAMILIES
+from medtune.runfolder import ADAPTER, CHAT_TEMPLATE, EXPORT, FOR_MODEL, SYSTEM_PROMPT, open_run
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Source:
         wherever its folder has moved since."""
         if self.run_dir:
             digest = hashlib.sha256()
-            with (self.run_dir / "adapter_model.safetensors").open("rb") as f:
+            with (self.run_dir / ADAPTER).open("rb") as f:
                 for block in iter(lambda: f.read(2**20), b""):
                     digest.update(block)
             return f"{'export of ' if self.kind == 'export' else ''}adapter sha256:{digest.hexdigest()[:16]}"
@@ -49,13 +50,11 @@ class Source:
 
 
 def _run_source(spec, run_dir, kind, weights=None):
-    from medtune.export.cli import base_source, check_run_folder
-
-    run_dir, info, cfg = check_run_folder(run_dir)
-    base = base_source(info, cfg)
+    run = open_run(run_dir, FOR_MODEL)
+    base = run.base_source()
     if kind == "run":
-        return Source(spec, "run", base, run_dir, run_dir, info, cfg, base, run_dir / "eval")
-    return Source(spec, "export", str(weights), None, run_dir, info, cfg, base, run_dir / "export" / "eval")
+        return Source(spec, "run", base, run.path, run.path, run.info, run.config, base, run.path / "eval")
+    return Source(spec, "export", str(weights), None, run.path, run.info, run.config, base, run.path / EXPORT / "eval")
 
 
 def _hub_source(spec):
@@ -95,8 +94,9 @@ def resolve(spec):
                     "with config.json.")
 
 
-def load_tokenizer(source):
-    """The tokenizer with the chat template the model was trained with; an error when it has none."""
+def load_tokenizer(source, chat=True):
+    """The tokenizer with the chat template the model was trained with; an error when it has none
+    and `chat` prompts are to be rendered."""
     from transformers import AutoTokenizer
 
     where = source.run_dir if source.kind == "run" else source.weights
@@ -106,8 +106,8 @@ def load_tokenizer(source):
         raise UserError(f"Can't load the tokenizer of {source.spec} ({e}). Check the id or folder and the "
                         "network.") from None
     if source.kind == "run":
-        tokenizer.chat_template = (source.run_dir / "chat_template.jinja").read_text()
-    if not tokenizer.chat_template:
+        tokenizer.chat_template = (source.run_dir / CHAT_TEMPLATE).read_text()
+    if chat and not tokenizer.chat_template:
         raise UserError(f"{source.spec} has no chat template, so its prompts can't be rendered as the model expects. "
                         "Evaluate the run folder it came from, or add a chat_template.jinja (or the chat_template key "
                         "in tokenizer_config.json) to the model folder.")
@@ -117,11 +117,10 @@ def load_tokenizer(source):
 
 
 def system_prompt(source):
-    path = source.run_dir / "system_prompt.txt" if source.run_dir else REPO_ROOT / "prompts" / "system_prompt.txt"
-    return path.read_text().strip()
+    return (source.run_dir / SYSTEM_PROMPT).read_text().strip() if source.run_dir else default_system_prompt()
 
 
-def render(tokenizer, system, user, answer_prefix=None):
+def prompt_text(tokenizer, system, user, answer_prefix=None):
     """The prompt text up to the assistant turn, or into it up to `answer_prefix` (loglik mode).
 
     A template that refuses a system turn (Mistral's own on the Hub) gets the system prompt folded
@@ -149,40 +148,66 @@ def _device_dtype():
     return "cpu", torch.float32
 
 
-def _from_pretrained(name):
+SIXTEEN_BIT_SHARE = 0.6  # of the GPU memory: a 16-bit copy larger than this leaves too little for the cache
+
+
+def load_weights(name, sixteen_bit=False):
+    """The model, on the GPU where there is one. With `sixteen_bit`, 4-bit weights are unpacked to
+    16 bits where that copy fits: the same numbers bitsandbytes unpacks at every step, once."""
     from transformers import AutoModelForCausalLM
 
     device, dtype = _device_dtype()
     try:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map={"": device}).eval()
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map={"": device}).eval()
     except OSError as e:
         raise UserError(f"Can't load the model {name} ({e}). Check the id or folder and the network.") from None
+    if sixteen_bit and getattr(model, "hf_quantizer", None) is not None and _fits(model, dtype):
+        model = model.dequantize(dtype=dtype).eval()
+    return model
 
 
-def models(source, compare_base):
+def _fits(model, dtype):
+    import torch
+
+    if not torch.cuda.is_available():
+        return True
+    from medtune.evaluation.generation import memory_budget
+
+    extra = model.num_parameters() * dtype.itemsize - model.get_memory_footprint()
+    return extra <= SIXTEEN_BIT_SHARE * (memory_budget() + model.get_memory_footprint())
+
+
+def weights_of(model):
+    """How the model's linear weights are held, for summary.json: 4-bit or the 16/32-bit dtype."""
+    quantizer = getattr(getattr(model, "get_base_model", lambda: model)(), "hf_quantizer", None)
+    return "4-bit" if quantizer is not None else str(model.dtype).removeprefix("torch.")
+
+
+def models(source, compare_base, fast=False):
     """(role, model) pairs, one model in memory at a time: "finetuned" then "base" for a run or an
-    export, "model" for anything else. Consume it fully: a run's base is its adapter switched off."""
+    export, "model" for anything else. Consume it fully: a run's base is its adapter switched off.
+
+    `fast` unpacks 4-bit weights to 16 bits where they fit. The adapter stays unmerged: adding it
+    into 16-bit weights would round its small deltas away (and gained 11% on an H200, BENCHMARKS.md)."""
     if source.kind == "run":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(_from_pretrained(source.weights), source.adapter).eval()
+        model = PeftModel.from_pretrained(load_weights(source.weights, fast), source.adapter).eval()
         yield "finetuned", model
         if compare_base:
             with model.disable_adapter():
                 yield "base", model
         return
-    model = _from_pretrained(source.weights)
+    model = load_weights(source.weights, fast)
     yield ("finetuned" if source.kind == "export" else "model"), model
     if compare_base:
         del model
-        yield "base", _from_pretrained(source.base)
+        yield "base", load_weights(source.base, fast)
 
 
 def stop_ids(model, tokenizer, source):
     """Token ids that end an answer: EOS, the family's end-of-turn token, the model's own EOS ids."""
-    ids = {tokenizer.eos_token_id}
-    if source.family:
-        ids.add(tokenizer.convert_tokens_to_ids(source.family.end_of_turn))
+    ids = set(source.family.stop_ids(tokenizer)) if source.family else {tokenizer.eos_token_id}
     configured = model.generation_config.eos_token_id
     ids.update(configured if isinstance(configured, list) else [configured])
     return sorted(i for i in ids if i is not None)

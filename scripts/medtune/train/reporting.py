@@ -81,10 +81,6 @@ class RunLog(ProgressCallback):
         return steady_state(self.steps[skip:], warmup=0)
 
 
-def read_metrics(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def plot_losses(records, png_path, title):
     import matplotlib
 

@@ -1,40 +1,15 @@
-"""Fine-tune a model family for medical step-by-step reasoning: Unsloth 4-bit model + LoRA, TRL
-SFTTrainer, loss on the assistant turn only. The module behind scripts/train_phi.py and
-scripts/train_mistral.py, which write checkpoints/<run-name>/.
-
-    python scripts/train_phi.py --smoke     # offline quickstart: tiny model, bundled sample, CPU
-    python scripts/train_phi.py             # the real run: Phi-3-mini on medical-o1-reasoning-SFT
-    torchrun --nproc_per_node 2 scripts/train_phi.py   # the same, data-parallel on 2 GPUs
-
-Under torchrun or accelerate launch every process trains on its own share of the data and only rank 0
-prints and writes the run folder (see medtune/distributed.py).
-"""
-import dataclasses
-import json
+"""The TRL trainer of a run and what a run records about its machine: the SFTTrainer built from a
+TrainConfig, library versions, the device, the out-of-memory advice, the system prompt file.
+Used by the training command (medtune.train.cli) and the benchmark's workers."""
 import platform
-import shutil
-import sys
-import time
-from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
-
-import yaml
 
 from medtune import distributed
-from medtune.config import default_max_steps, effective_batch, parse_config, resolve_path, to_dict
-from medtune.errors import UserError, report_user_errors
-from medtune.families import FAMILIES
-from medtune.train.resume import check_world_size, newest_checkpoint, resume_config
+from medtune.config import effective_batch, resolve_path
+from medtune.errors import UserError
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "datasets", "bitsandbytes",
              "accelerate")
-
-
-def say(*args, **kwargs):
-    """print, on rank 0 only: one line per event, not one per process."""
-    if distributed.is_main():
-        print(*args, flush=True, **kwargs)
 
 
 def read_system_prompt(cfg):
@@ -67,7 +42,7 @@ def describe_device():
     return one if n == 1 else f"{n} processes ({distributed.backend()}), rank 0 on {one}"
 
 
-def build_trainer(model, tokenizer, train_rows, eval_rows, cfg, run_dir, callbacks):
+def build_trainer(model, tokenizer, train_rows, eval_rows, cfg, run_dir, callbacks, checkpointing="unsloth"):
     import torch
     from datasets import Dataset
     from transformers.trainer_callback import ProgressCallback
@@ -85,6 +60,8 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, cfg, run_dir, callbac
         eval_steps=cfg.eval_steps, report_to=cfg.report_to, max_length=cfg.max_seq_length, packing=cfg.packing,
         fp16=on_gpu and model.dtype == torch.float16, bf16=on_gpu and model.dtype == torch.bfloat16,
         include_num_input_tokens_seen="non_padding", dataset_num_proc=1,
+        # TRL turns Hugging Face checkpointing on by default: off when none was chosen.
+        **({"gradient_checkpointing": False} if checkpointing == "false" else {}),
         # Under DDP: every LoRA weight gets a gradient each step, and searching for unused ones breaks
         # reentrant gradient checkpointing ("marked as ready twice").
         ddp_find_unused_parameters=False,
@@ -117,187 +94,3 @@ def out_of_memory_message(cfg):
             f"--max-seq-length {cfg.max_seq_length}. Lower --batch-size (raise --grad-accum to keep the effective "
             f"batch of {effective_batch(cfg, n)} = {cfg.batch_size} x {cfg.grad_accum} x {n} process{'es' * (n > 1)}) "
             "or lower --max-seq-length, and close other programs using the GPU.")
-
-
-def write_text(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.rename(path)
-
-
-def run(family_name, argv=None, callbacks=()):
-    family = FAMILIES[family_name]
-    script = family.preset
-    cfg, given = parse_config(sys.argv[1:] if argv is None else argv, family_name, script,
-                              f"Fine-tune {family.title} for medical step-by-step reasoning (Unsloth 4-bit LoRA + TRL).")
-    run_dir = Path(cfg.output_dir).expanduser() / cfg.run_name
-    checkpoint = None
-    if cfg.resume:
-        if not run_dir.is_dir():
-            raise UserError(f"--resume: there is no run folder {run_dir} to continue. Check --run-name and "
-                            "--output-dir, or start the run without --resume.")
-        cfg = resume_config(run_dir, cfg, given)
-        checkpoint = newest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise UserError(f"--resume: {run_dir} holds no trainer checkpoint (checkpoint-N folders are written every "
-                            f"--save-steps {cfg.save_steps} steps). Start again with --overwrite.")
-        check_world_size(checkpoint, cfg, script)
-    elif run_dir.exists() and not cfg.overwrite:
-        raise UserError(f"The run folder {run_dir} already exists. Add --resume to continue it, --overwrite to "
-                        "replace it, or choose another --run-name.")
-    if cfg.max_steps is None and cfg.epochs is None:
-        cfg = dataclasses.replace(cfg, max_steps=default_max_steps(cfg, distributed.world_size()))
-
-    # Everything that can be checked is checked before anything is written. Every rank checks the
-    # same arguments and files, so a mistake stops every rank here, before they wait for each other.
-    from medtune.train.data import load_rows, split_examples, to_examples, tokenize_examples
-
-    system_prompt = read_system_prompt(cfg)
-    say(f"Loading data from {cfg.dataset} ...")
-    examples = to_examples(load_rows(cfg), cfg.dataset)
-    distributed.start()
-    from medtune.train import modeling  # imports Unsloth (slow), after the cheap checks
-
-    if cfg.smoke and not cfg.model:
-        cfg = dataclasses.replace(cfg, model=str(modeling.tiny_model_dir(family)))
-    source = modeling.check_model_source(cfg.model or family.default_model)
-    cfg = dataclasses.replace(cfg, model=source)
-    say(f"Loading {source} (4-bit: {cfg.load_in_4bit}) ...")
-    model, tokenizer, dtype_warning = modeling.load_model(source, cfg)
-    if dtype_warning:
-        print(f"warning: {dtype_warning}", file=sys.stderr)
-    family.prepare_tokenizer(tokenizer)
-    train_ex, eval_ex = split_examples(examples, cfg)
-    train_rows, train_stats = tokenize_examples(train_ex, tokenizer, family, cfg, system_prompt)
-    eval_rows, eval_stats = tokenize_examples(eval_ex, tokenizer, family, cfg, system_prompt)
-    if not train_rows:
-        raise UserError(f"Every one of the {train_stats['rows']} training rows is longer than --max-seq-length "
-                        f"{cfg.max_seq_length} tokens (the shortest has {train_stats['shortest']}). Raise "
-                        f"--max-seq-length to at least {train_stats['shortest']}, or pass --truncate to cut rows.")
-    verb = "cut to fit" if cfg.truncate else "dropped"
-    say(f"Data: {train_stats['kept']} training rows, {eval_stats['kept']} held out; {train_stats['too_long']} "
-        f"+ {eval_stats['too_long']} longer than {cfg.max_seq_length} tokens {verb}; mean "
-        f"{train_stats['mean_tokens']} tokens per row.")
-    model, targets = modeling.attach_lora(model, cfg, family)
-
-    # From here on rank 0 writes the run folder: only after every rank has looked at it above, and
-    # before any rank trains (the others write their random state into its checkpoints).
-    fresh = checkpoint is None
-    distributed.barrier()
-    if fresh and distributed.is_main():
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-    distributed.barrier()
-    try:
-        return _train(family, cfg, run_dir, checkpoint, model, tokenizer, train_rows, eval_rows, system_prompt,
-                      eval_ex, dict(train=train_stats, eval=eval_stats), targets, callbacks)
-    except BaseException as e:
-        if fresh and newest_checkpoint(run_dir) is None:
-            if distributed.is_main():
-                shutil.rmtree(run_dir, ignore_errors=True)
-            where = "Nothing was kept."
-        else:
-            where = f"Checkpoints are kept in {run_dir}: add --resume to continue."
-        import torch
-
-        if isinstance(e, torch.OutOfMemoryError):
-            raise UserError(out_of_memory_message(cfg) + " " + where, rank_specific=True) from None
-        if isinstance(e, KeyboardInterrupt):
-            say(f"\nTraining interrupted. {where}", file=sys.stderr)
-        raise
-
-
-def _train(family, cfg, run_dir, checkpoint, model, tokenizer, train_rows, eval_rows, system_prompt, eval_ex,
-           data_stats, targets, callbacks):
-    import torch
-
-    from medtune.train.modeling import copy_tokenizer_model
-    from medtune.train.reporting import RunLog, gib, plot_losses, read_metrics
-
-    rank0 = distributed.is_main()
-    if checkpoint is None and rank0:
-        write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        write_text(run_dir / "system_prompt.txt", system_prompt + "\n")
-        write_text(run_dir / "chat_template.jinja", tokenizer.chat_template)
-        write_text(run_dir / "heldout.jsonl", "".join(json.dumps(ex.as_row()) + "\n" for ex in eval_ex))
-    log = RunLog(run_dir / "metrics.jsonl")
-    trainer = build_trainer(model, tokenizer, train_rows, eval_rows, cfg, run_dir, [log, *callbacks])
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    n = distributed.world_size()
-    say(f"Training {family.title} LoRA r={cfg.lora_r} on {', '.join(targets)}: "
-        f"{trainer.args.max_steps if trainer.args.max_steps > 0 else 'epochs=' + str(cfg.epochs)} steps, effective "
-        f"batch {effective_batch(cfg, n)} = batch {cfg.batch_size} x grad-accum {cfg.grad_accum} x {n} "
-        f"process{'es' * (n > 1)}, on {describe_device()}{f', resuming from {checkpoint.name}' if checkpoint else ''}.")
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    wall = time.perf_counter() - started
-
-    if not rank0:
-        return run_dir
-    model.save_pretrained(run_dir)
-    tokenizer.save_pretrained(run_dir)
-    has_spm = copy_tokenizer_model(cfg.model, run_dir)
-    records = read_metrics(run_dir / "metrics.jsonl")
-    plot_losses(records, run_dir / "loss_curve.png", f"{family.title} LoRA: {cfg.run_name}")
-    losses = [r["loss"] for r in records if "loss" in r]
-    eval_losses = [r["eval_loss"] for r in records if "eval_loss" in r]
-    speed = log.throughput()
-    summary = {
-        "steps": trainer.state.global_step, "wall_time_s": round(wall, 1),
-        "train_loss": losses[-1] if losses else None, "train_loss_mean": result.training_loss,
-        "eval_loss": eval_losses[-1] if eval_losses else None,
-        "trained_tokens": trainer.state.num_input_tokens_seen,
-        "tokens_per_s": round(speed["tokens_per_s"], 1) if speed else None,
-        "s_per_step": round(speed["s_per_step"], 3) if speed else None,
-        "steady_state_steps": speed["steps_measured"] if speed else None,
-        "peak_gpu_allocated_gib": round(gib(torch.cuda.max_memory_allocated()), 2) if torch.cuda.is_available() else None,
-        "peak_gpu_reserved_gib": round(gib(torch.cuda.max_memory_reserved()), 2) if torch.cuda.is_available() else None,
-        "resumed_from": checkpoint.name if checkpoint else None,
-        "world_size": n, "effective_batch": effective_batch(cfg, n),
-    }
-    info = {
-        "family": family.name, "base_model": cfg.model, "lora_targets": targets, "dtype": str(model.dtype),
-        "device": describe_device(), "ddp_backend": distributed.backend(),
-        "padding_free": bool(getattr(trainer, "padding_free", False)), "tokenizer_model_copied": has_spm, "data": data_stats, "summary": summary, "versions": versions(),
-        "command": " ".join(sys.argv), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_text(run_dir / "run_info.json", json.dumps(info, indent=2) + "\n")
-    print_summary(run_dir, summary)
-    return run_dir
-
-
-def print_summary(run_dir, s):
-    def fmt(v, spec):
-        return "n/a" if v is None else format(v, spec)
-
-    mem = ("n/a (CPU)" if s["peak_gpu_reserved_gib"] is None else
-           f"{s['peak_gpu_allocated_gib']:.2f} GiB allocated, {s['peak_gpu_reserved_gib']:.2f} GiB reserved")
-    print(f"\nDone: {s['steps']} steps of effective batch {s['effective_batch']} on {s['world_size']} "
-          f"process{'es' * (s['world_size'] > 1)} in {s['wall_time_s']:.0f} s"
-          f"{' (resumed from ' + s['resumed_from'] + ')' if s['resumed_from'] else ''}.")
-    print(f"  train loss {fmt(s['train_loss'], '.4f')} (last logged), eval loss {fmt(s['eval_loss'], '.4f')}")
-    print(f"  trained tokens/s {fmt(s['tokens_per_s'], ',.0f')} (steady state, steps {s['steady_state_steps']}); "
-          f"{fmt(s['s_per_step'], '.3f')} s/step")
-    print(f"  peak GPU memory{' (rank 0)' * (s['world_size'] > 1)}: {mem}")
-    print(f"Wrote {run_dir}/:")
-    described = {
-        "adapter_model.safetensors": "LoRA adapter", "adapter_config.json": "LoRA config (base model id inside)",
-        "tokenizer.json": "tokenizer", "tokenizer.model": "SentencePiece model (for llama.cpp export)",
-        "chat_template.jinja": "chat template used", "system_prompt.txt": "system prompt used",
-        "config.yaml": "every option (reproduce with --config)", "run_info.json": "versions, data counts, summary",
-        "metrics.jsonl": "every logged value", "loss_curve.png": "train and eval loss", "heldout.jsonl": "held-out rows",
-    }
-    for name, what in described.items():
-        if (run_dir / name).exists():
-            print(f"  {name:28s} {what}")
-    ckpts = sorted(p.name for p in run_dir.glob("checkpoint-*"))
-    if ckpts:
-        print(f"  {', '.join(ckpts):28s} trainer checkpoints (--resume)")
-
-
-@report_user_errors
-def main(family_name):
-    run(family_name)
-    distributed.finish()
