@@ -87,3 +87,17 @@ def test_bf16_on_a_gpu_without_it_falls_back_to_fp16(monkeypatch):
     assert modeling.resolve_dtype("auto") == (torch.float16, None)
     dtype, warning = modeling.resolve_dtype("bfloat16")
     assert dtype == torch.float16 and "Tesla T4 does not support bfloat16" in warning
+
+
+def test_semicolon_separated_csv(tmp_path):
+    """Excel's CSV in many locales: the text's own commas used to end in a TypeError inside the error message."""
+    data = tmp_path / "semi.csv"
+    data.write_text("Question;Complex_CoT;Response\nChest pain, sweating. Next?;Think, then act.;Reperfuse.\n")
+    fails(tmp_path, "phi3", "--dataset", data, words=["semi.csv looks semicolon-separated", "comma-separated"])
+
+
+def test_csv_row_with_more_fields_than_the_header(tmp_path):
+    data = tmp_path / "commas.csv"
+    data.write_text("Question,Complex_CoT,Response\nQ?,Think.,A.\nChest pain, sweating?,Think.,Reperfuse.\n")
+    fails(tmp_path, "phi3", "--dataset", data, words=["commas.csv line 3 has 4 fields but the header has 3",
+                                                      "double quotes"])

@@ -64,13 +64,7 @@ def read_local(path: Path):
                                 ("" if not isinstance(data, list) else " with items that are not objects") + ".")
             return data
         if suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as f:
-                reader = csv.DictReader(f)
-                try:
-                    return [dict(r) for r in reader]
-                except csv.Error as e:
-                    raise UserError(f"{path} is not a readable CSV file (line {reader.line_num}: {e}). "
-                                    "Save it as comma-separated UTF-8 with a header row.") from None
+            return _read_csv(path)
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -83,6 +77,33 @@ def read_local(path: Path):
     except OSError as e:
         raise UserError(f"Can't read {path}: {e.strerror}. Check the path and its permissions.") from None
     raise AssertionError(suffix)
+
+
+def _read_csv(path):
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = []
+        try:
+            _check_separator(path, reader.fieldnames or [])
+            for row in reader:
+                if None in row:  # DictReader files the fields beyond the header under the key None
+                    raise UserError(f"{path} line {reader.line_num} has {len(reader.fieldnames) + len(row[None])} "
+                                    f"fields but the header has {len(reader.fieldnames)} "
+                                    f"({', '.join(reader.fieldnames)}). Put double quotes around text that contains "
+                                    'commas ("like, this"), or convert the file to .jsonl.')
+                rows.append(row)
+        except csv.Error as e:
+            raise UserError(f"{path} is not a readable CSV file (line {reader.line_num}: {e}). "
+                            "Save it as comma-separated UTF-8 with a header row.") from None
+    return rows
+
+
+def _check_separator(path, header):
+    for sep, name in ((";", "semicolon"), ("\t", "tab")):
+        if len(header) == 1 and sep in header[0]:
+            raise UserError(f"{path} looks {name}-separated: its header line is the single column {header[0]!r}. "
+                            "A .csv dataset must be comma-separated: save it again as comma-separated UTF-8 "
+                            "(in Excel: CSV UTF-8), or convert it to .jsonl.")
 
 
 def _load_hub(name, config, split):
@@ -134,7 +155,7 @@ def to_examples(rows, source):
     else:
         missing = [c for c in MEDICAL_O1 if c not in columns]
         raise UserError(f"The dataset {source} lacks the required column(s) {', '.join(missing)}; it has "
-                        f"{', '.join(sorted(columns)) or 'no columns'}. Rows need Question, Complex_CoT and Response "
+                        f"{', '.join(sorted(map(str, columns))) or 'no columns'}. Rows need Question, Complex_CoT and Response "
                         "(the medical-o1-reasoning-SFT columns), or instruction, optional input, and output with "
                         "the reasoning inside <think>...</think>. Rename the columns and run again.")
     examples = []
