@@ -1,4 +1,6 @@
 """Every bad input to training: a message that names the problem and the fix, and nothing written."""
+import json
+
 import pytest
 import torch
 from transformers import TrainerCallback
@@ -101,3 +103,17 @@ def test_csv_row_with_more_fields_than_the_header(tmp_path):
     data.write_text("Question,Complex_CoT,Response\nQ?,Think.,A.\nChest pain, sweating?,Think.,Reperfuse.\n")
     fails(tmp_path, "phi3", "--dataset", data, words=["commas.csv line 3 has 4 fields but the header has 3",
                                                       "double quotes"])
+
+
+def test_think_tags_inside_a_response_are_refused_with_a_count(tmp_path):
+    """Training wraps Complex_CoT in <think>...</think> itself: a Response with its own block would train two."""
+    good = {"Question": "Fever and neck stiffness?", "Complex_CoT": "Meningitis.", "Response": "Give antibiotics."}
+    tagged = {**good, "Response": "<think>Meningitis.</think>\nGive antibiotics."}
+    data = tmp_path / "tagged.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [good, tagged, good, tagged] * 4))
+    fails(tmp_path, "phi3", "--dataset", data, words=["8 of the 16 rows", "row 2, 4, 6", "<think> or </think>",
+                                                      "second reasoning block"])
+    both = tmp_path / "two-blocks.jsonl"
+    both.write_text(json.dumps({"instruction": "Q?", "output": "<think>a</think>b<think>c</think>d"}) + "\n"
+                    + json.dumps({"instruction": "Q?", "output": "<think>a</think>b"}) + "\n")
+    fails(tmp_path, "phi3", "--dataset", both, words=["1 of the 2 rows", "(row 1)", "beyond its one leading"])

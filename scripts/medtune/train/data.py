@@ -175,7 +175,23 @@ def to_examples(rows, source):
             m = THINK.match(values[1])
             r, a = (m.group(1).strip(), m.group(2).strip()) if m else ("", values[1].strip())
         examples.append(Example(q, r, a))
+    _check_no_think_tags(examples, source, shape)
     return examples
+
+
+def _check_no_think_tags(examples, source, shape):
+    """The target wraps the reasoning in one <think> block itself: a tag inside a cell would teach the
+    model to write two reasoning blocks, or one that never closes."""
+    tagged = [n for n, ex in enumerate(examples, 1) if any(t in ex.reasoning + ex.answer for t in ("<think>", "</think>"))]
+    if not tagged:
+        return
+    where = ("Complex_CoT or Response (the reasoning belongs in Complex_CoT, without tags, and only the answer in "
+             "Response)" if shape == MEDICAL_O1 else
+             "output beyond its one leading <think>...</think> block")
+    shown = ", ".join(map(str, tagged[:10])) + (", ..." if len(tagged) > 10 else "")
+    raise UserError(f"{len(tagged)} of the {len(examples)} rows of {source} (row {shown}) hold <think> or </think> "
+                    f"inside {where}. Training adds the one <think>...</think> block itself, so these rows would teach "
+                    "the model to write a second reasoning block. Remove those tags from the rows, or drop the rows.")
 
 
 def messages(example, system_prompt):
