@@ -117,3 +117,23 @@ def test_think_tags_inside_a_response_are_refused_with_a_count(tmp_path):
     both.write_text(json.dumps({"instruction": "Q?", "output": "<think>a</think>b<think>c</think>d"}) + "\n"
                     + json.dumps({"instruction": "Q?", "output": "<think>a</think>b"}) + "\n")
     fails(tmp_path, "phi3", "--dataset", both, words=["1 of the 2 rows", "(row 1)", "beyond its one leading"])
+
+
+@pytest.mark.parametrize("where", ["output-dir", "run-name"])
+def test_output_dir_that_is_a_file_fails_before_the_model_loads(tmp_path, monkeypatch, where):
+    from medtune.train import modeling
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(modeling, "load_model", no_loading)
+    runs = tmp_path / "runs"
+    if where == "output-dir":
+        runs.write_text("a file, not a folder\n")
+    else:
+        runs.mkdir()
+        (runs / "phi3-smoke").write_text("a file, not a folder\n")
+    with pytest.raises(UserError) as e:
+        train("phi3", "--smoke", "--output-dir", runs, "--overwrite")
+    blocked = runs / "phi3-smoke" if where == "run-name" else runs
+    assert f"{blocked} is a file, not a folder" in str(e.value) and "--output-dir" in str(e.value)

@@ -1,10 +1,19 @@
 """--resume: the run folder's newest trainer checkpoint, the config and the number of processes it
-was trained with."""
+was trained with; and the checks on the run folder's path that come before anything is loaded."""
 import yaml
 
 from medtune import distributed
 from medtune.config import RESUMABLE_CHANGES, TrainConfig, effective_batch
 from medtune.errors import UserError
+
+
+def check_run_dir_path(run_dir):
+    """A file where the run folder or one of its parents should be would fail only after the model
+    has loaded (minutes on a real run), when the folder is made."""
+    blocked = next((p for p in [run_dir, *run_dir.parents] if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UserError(f"The run folder {run_dir} can't be made: {blocked} is a file, not a folder. Point "
+                        "--output-dir at a folder (it is made if missing), or choose another --run-name.")
 
 
 def newest_checkpoint(run_dir):

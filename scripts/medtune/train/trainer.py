@@ -25,7 +25,7 @@ from medtune import distributed
 from medtune.config import default_max_steps, effective_batch, parse_config, resolve_path, to_dict
 from medtune.errors import UserError, report_user_errors
 from medtune.families import FAMILIES
-from medtune.train.resume import check_world_size, newest_checkpoint, resume_config
+from medtune.train.resume import check_run_dir_path, check_world_size, newest_checkpoint, resume_config
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "datasets", "bitsandbytes",
              "accelerate")
@@ -131,6 +131,7 @@ def run(family_name, argv=None, callbacks=()):
     cfg, given = parse_config(sys.argv[1:] if argv is None else argv, family_name, script,
                               f"Fine-tune {family.title} for medical step-by-step reasoning (Unsloth 4-bit LoRA + TRL).")
     run_dir = Path(cfg.output_dir).expanduser() / cfg.run_name
+    check_run_dir_path(run_dir)
     checkpoint = None
     if cfg.resume:
         if not run_dir.is_dir():
