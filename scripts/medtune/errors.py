@@ -4,6 +4,7 @@ import sys
 import textwrap
 
 from medtune import distributed
+from medtune.offline_tokenizers import OfflineSetupError
 
 
 class UserError(Exception):
@@ -19,14 +20,15 @@ class UserError(Exception):
 
 
 def report_user_errors(fn):
-    """Turn UserError (and Ctrl-C) into a short message and exit status 2 (130 for Ctrl-C), on every rank."""
+    """Turn UserError, OfflineSetupError (a missing or damaged cache: the message says how to rebuild it)
+    and Ctrl-C into a short message and exit status 2 (130 for Ctrl-C), on every rank."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except UserError as e:
-            if distributed.is_main() or e.rank_specific:
+        except (UserError, OfflineSetupError) as e:
+            if distributed.is_main() or getattr(e, "rank_specific", False):
                 msg = "\n".join(textwrap.fill(p, 100) for p in str(e).split("\n"))
                 print(f"\nerror: {msg}", file=sys.stderr)
             sys.exit(2)

@@ -31,6 +31,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,8 +62,14 @@ _PHI3_SPM_PIECES = 32000
 _MISTRAL_MAX_LENGTH = 32768  # Mistral-7B-Instruct-v0.2's context length; the wheel does not record it.
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja")
+_REBUILD = "python scripts/medtune/offline_tokenizers.py"
+
+
 class OfflineSetupError(RuntimeError):
-    """A source of the offline tokenizers could not be downloaded."""
+    """A source of the offline tokenizers could not be downloaded, or the cache is damaged. The
+    message says how to fix it; medtune.errors reports it as a user error (this module imports
+    nothing of medtune's, so that it also runs on its own)."""
 
 
 def cache_dir() -> Path:
@@ -140,12 +147,23 @@ def llama_cpp_dir() -> Path:
                 yield member
 
     sdist = llama_cpp_sdist()
-    with _atomic_dir(target) as tmp, tarfile.open(sdist) as tar:
+    with _damaged_download(sdist), _atomic_dir(target) as tmp, tarfile.open(sdist) as tar:
         tar.extractall(tmp, members=wanted(tar), filter="data")
         missing = [name for name in _LLAMA_CPP_FILES if not (tmp / name).is_file()]
         if missing:
-            raise FileNotFoundError(f"{sdist} has no vendor/llama.cpp/{', '.join(missing)}")
+            raise tarfile.TarError(f"it has no vendor/llama.cpp/{', '.join(missing)}")
     return target
+
+
+@contextmanager
+def _damaged_download(path: Path) -> Iterator[None]:
+    """A truncated or foreign file in downloads/ (a killed download, a copied cache): say which, and how
+    to get it again, instead of the archive module's traceback."""
+    try:
+        yield
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, KeyError) as e:
+        raise OfflineSetupError(f"The cached download {path} is damaged ({type(e).__name__}: {e}). Delete it and "
+                                f"run `{_REBUILD}`, which downloads it again.") from None
 
 
 def tokenizer_dir(family: str) -> Path:
@@ -157,6 +175,10 @@ def tokenizer_dir(family: str) -> Path:
     if not target.is_dir():
         with _atomic_dir(target) as tmp:
             builders[family](tmp)
+    missing = [name for name in _TOKENIZER_FILES if not (target / name).is_file()]
+    if missing:
+        raise OfflineSetupError(f"The cached {family} tokenizer {target} is incomplete ({', '.join(missing)} "
+                                f"missing). Delete that folder and run `{_REBUILD} {family}`, which builds it again.")
     # The chat template is the repo's file, which can change after the build: keep the cached copy current.
     template = _chat_template(family)
     cached = target / "chat_template.jinja"
@@ -243,7 +265,7 @@ def _build_mistral(out: Path) -> None:
         f"mistral-common=={MISTRAL_COMMON_VERSION}",
         "--only-binary", ":all:",
     )
-    with zipfile.ZipFile(wheel) as zf:
+    with _damaged_download(wheel), zipfile.ZipFile(wheel) as zf:
         proto = spm_pb2.ModelProto.FromString(zf.read("mistral_common/data/tokenizer.model.v1"))
     spec = proto.trainer_spec
     added = {i: AddedToken(proto.pieces[i].piece, special=True, normalized=False)
