@@ -150,6 +150,10 @@ def export(args, fail_after=None):
 
     run_dir, info, cfg = check_run_folder(args.run)
     family = FAMILIES[info["family"]]
+    system_prompt = (run_dir / "system_prompt.txt").read_text().strip()
+    if problem := modelfile.quoting_problem(system_prompt):  # a run trained before training checked this
+        raise UserError(f"The run's system prompt ({run_dir / 'system_prompt.txt'}) can't go into an Ollama "
+                        f"Modelfile: {problem}. Edit that file, then export again.")
     final = run_dir / "export"
     if final.exists() and not args.overwrite:
         raise UserError(f"{final} already exists. Add --overwrite to replace it.")
@@ -188,7 +192,6 @@ def export(args, fail_after=None):
                 stages.run(f"gguf {q}", gguf_export.convert, merged, ggufs[q], q, model_name)
             elif q != "f16":
                 stages.run(f"quantize {q}", gguf_export.quantize, f16, ggufs[q], q)
-        system_prompt = (run_dir / "system_prompt.txt").read_text().strip()
         ollama_from = ggufs.get("q4_k_m") or min(ggufs.values(), key=lambda p: p.stat().st_size)
         (tmp / "Modelfile").write_text(modelfile.modelfile(family, ollama_from.name, system_prompt))
 
