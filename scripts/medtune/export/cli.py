@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from medtune.errors import UserError, report_user_errors
+from medtune.export import workdir
 from medtune.families import FAMILIES
 
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "run_info.json",
@@ -149,6 +150,7 @@ def export(args, fail_after=None):
     from medtune.export.verify import sample_answer, verify
 
     run_dir, info, cfg = check_run_folder(args.run)
+    workdir.clean_up_killed_exports(run_dir)
     family = FAMILIES[info["family"]]
     system_prompt = (run_dir / "system_prompt.txt").read_text().strip()
     if problem := modelfile.quoting_problem(system_prompt):  # a run trained before training checked this
