@@ -29,7 +29,8 @@ def report_user_errors(fn):
             return fn(*args, **kwargs)
         except (UserError, OfflineSetupError) as e:
             if distributed.is_main() or getattr(e, "rank_specific", False):
-                msg = "\n".join(textwrap.fill(p, 100) for p in str(e).split("\n"))
+                msg = "\n".join(textwrap.fill(p, 100, break_on_hyphens=False, break_long_words=False)  # keep --flag-names whole
+                                for p in str(e).split("\n"))
                 print(f"\nerror: {msg}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:

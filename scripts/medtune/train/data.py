@@ -45,7 +45,7 @@ def read_local(path: Path):
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise UserError(f"{path} line {n} is not valid JSON ({e.msg} at column {e.colno}). "
+                        raise UserError(f"{path} line {n} is not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno}). "
                                         "Each line of a .jsonl file must be one JSON object; fix or remove that line.") from None
                     if not isinstance(row, dict):
                         raise UserError(f"{path} line {n} is a JSON {type(row).__name__}, not an object. Each line of a "
