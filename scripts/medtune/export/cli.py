@@ -1,6 +1,7 @@
 """Export a run folder: LoRA merged into the 16-bit base (safetensors), GGUF files for llama.cpp and
-Ollama, a Modelfile, and checks that each file computes the fine-tuned model. The module behind
-scripts/export.py.
+Ollama, a Modelfile, and checks that each file computes the fine-tuned model.
+
+The module behind scripts/export.py:
 
     python scripts/export.py checkpoints/phi3-smoke                      # q4_k_m GGUF + merged model
     python scripts/export.py checkpoints/phi3-medical --quant q4_k_m,q8_0,f16 --overwrite
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from medtune import noise
 from medtune.errors import UserError, report_user_errors
 from medtune.export import workdir
 from medtune.families import FAMILIES
@@ -41,6 +43,8 @@ def parse_args(argv):
     p.add_argument("--push", choices=("all", "merged", "gguf"), default="all",
                    help="what --push-to-hub uploads (default: all)")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    p.add_argument("--verbose", action="store_true",
+                   help="show llama.cpp's and other libraries' output instead of keeping it in the log file")
     args, unknown = p.parse_known_args(argv)
     if unknown:
         raise UserError(f"Unknown option(s): {' '.join(unknown)}. Run with --help to list every option.")
@@ -193,7 +197,7 @@ def export(args, fail_after=None):
             if q in ("bf16", "q8_0"):
                 stages.run(f"gguf {q}", gguf_export.convert, merged, ggufs[q], q, model_name)
             elif q != "f16":
-                stages.run(f"quantize {q}", gguf_export.quantize, f16, ggufs[q], q)
+                stages.run(f"quantize {q}", noise.quietly(gguf_export.quantize), f16, ggufs[q], q)
         ollama_from = ggufs.get("q4_k_m") or min(ggufs.values(), key=lambda p: p.stat().st_size)
         (tmp / "Modelfile").write_text(modelfile.modelfile(family, ollama_from.name, system_prompt))
 
@@ -203,6 +207,8 @@ def export(args, fail_after=None):
                                 system_prompt)
         if "f16" not in args.quants:
             f16.unlink()
+            for c in checks:  # the table names what is kept
+                c["file"] = c["file"].replace(f16.name, "f16 GGUF (intermediate, not kept)")
         report = {
             "run": str(run_dir), "family": family.name, "base_model": source, "parameters": n_params,
             "merged_dtype": args.merged_dtype, "stage_seconds": stages.times,
@@ -239,8 +245,9 @@ def export(args, fail_after=None):
     if args.push_to_hub:
         stages.run("push", push, final, args)
     print(f"Wrote {final}/ (report: {final / 'report.json'}).")
+    if noise.where():
+        print(noise.where())
     return final, report
-
 
 def _maybe_fail(fail_after, stage):
     if fail_after == stage:
@@ -248,9 +255,12 @@ def _maybe_fail(fail_after, stage):
 
 
 def print_checks(checks):
-    print(f"\n{'file':34s} {'check':34s} {'value':>12s} {'limit':>10s}  ok")
-    for c in checks:
-        print(f"{c['file']:34s} {c['check']:34s} {c['value']:>12} {c['limit']:>10}  {'yes' if c['ok'] else 'NO'}")
+    rows = [("file", "check", "value", "limit", "ok")]
+    rows += [(c["file"], c["check"], str(c["value"]), str(c["limit"]), "yes" if c["ok"] else "NO") for c in checks]
+    width = [max(len(r[i]) for r in rows) for i in range(5)]
+    print()
+    for r in rows:
+        print(f"{r[0]:{width[0]}s}  {r[1]:{width[1]}s}  {r[2]:>{width[2]}s}  {r[3]:>{width[3]}s}  {r[4]}")
 
 
 def print_report(final, report):
@@ -276,4 +286,6 @@ def push(final, args):
 
 @report_user_errors
 def main(argv=None):
-    export(parse_args(sys.argv[1:] if argv is None else argv))
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    noise.divert("export", args.verbose)
+    export(args)
