@@ -1,15 +1,20 @@
 """Gradio demo: chat with an exported or trained model, its reasoning shown apart from its answer,
-or compare two models side by side. The module behind scripts/demo.py.
+or compare two models side by side.
+
+The module behind scripts/demo.py:
 
     python scripts/demo.py checkpoints/phi3-medical                       # export (GGUF) or LoRA run
     python scripts/demo.py model.gguf --compare checkpoints/mistral-medical/export/merged
     python scripts/demo.py checkpoints/phi3-medical --share --auth me:secret    # Colab
 """
 import argparse
+import errno
+import socket
 import sys
 
 from medtune.demo.backends import BACKENDS, Settings, Stats, load
 from medtune.config import REPO_ROOT
+from medtune import noise
 from medtune.errors import UserError, report_user_errors
 
 MAX_QUESTION_CHARS = 4000
@@ -147,25 +152,35 @@ def build(backends, system_prompt, defaults):
             clear.click(lambda: ([], ""), None, [chat, stats], api_name=False)
         if len(backends) > 1:
             with gr.Tab("Compare"):
-                cmp_question = gr.Textbox(placeholder="One question for both models …", show_label=False,
-                                          elem_id="compare-question")
-                with gr.Row():
-                    columns = []
-                    for i, b in enumerate(backends):
-                        with gr.Column():
-                            columns.append((gr.Chatbot(label=f"{b.name} ({b.kind})", height=480,
-                                                       group_consecutive_messages=False, elem_id=f"compare-{i}"),
-                                            gr.Markdown(elem_id=f"compare-stats-{i}")))
-                cmp_send = gr.Button("Ask both", variant="primary", elem_id="compare-send")
-                for i, (b, (box, note)) in enumerate(zip(backends, columns)):
-                    def one(q, *s, backend=b):
-                        yield from respond(backend, q, [], *s)
-
-                    cmp_send.click(one, [cmp_question, *settings], [box, note], concurrency_id=f"model-{i}",
-                                   api_name=False)
+                compare_tab(gr, backends, respond, settings)
         gr.Button(visible=False).click(ask, [question, *settings], gr.Textbox(visible=False), api_name="ask",
                                        concurrency_id="model-0")
     return demo
+
+
+def compare_tab(gr, backends, respond, settings):
+    """One question, both models side by side; the question box, Ask both and Stop above the panels."""
+    with gr.Row():
+        question = gr.Textbox(placeholder="One question for both models …", show_label=False, scale=8,
+                              elem_id="compare-question", max_lines=8)
+        send = gr.Button("Ask both", variant="primary", scale=1, elem_id="compare-send")
+        stop = gr.Button("Stop", variant="stop", scale=1, elem_id="compare-stop")
+    with gr.Row():
+        columns = []
+        for i, b in enumerate(backends):
+            with gr.Column():
+                columns.append((gr.Chatbot(label=f"{b.name} ({b.kind})", height=480, group_consecutive_messages=False,
+                                           elem_id=f"compare-{i}"),
+                                gr.Markdown(elem_id=f"compare-stats-{i}")))
+    events = []
+    for i, (b, (box, note)) in enumerate(zip(backends, columns)):
+        def one(q, *s, backend=b):
+            yield from respond(backend, q, [], *s)
+
+        for trigger in (send.click, question.submit):
+            events.append(trigger(one, [question, *settings], [box, note], concurrency_id=f"model-{i}",
+                                  api_name=False))
+    stop.click(None, None, None, cancels=events, api_name=False)
 
 
 def parse_args(argv):
@@ -184,6 +199,8 @@ def parse_args(argv):
     p.add_argument("--concurrency", type=int, default=1,
                    help="generations at once per model (default 1: others wait in the queue)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait before new ones are refused")
+    p.add_argument("--verbose", action="store_true",
+                   help="show other libraries' warnings and Gradio's own start-up lines instead of keeping them in the log")
     args, unknown = p.parse_known_args(argv)
     if unknown:
         raise UserError(f"Unknown option(s): {' '.join(unknown)}. Run with --help to list every option.")
@@ -194,9 +211,26 @@ def parse_args(argv):
     return args
 
 
+def check_port(host, port):
+    """Fail before the models load, and before "Serving ...", if the address can't be listened on."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no obstacle
+            s.bind(address)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"Port {port} on {host} is already in use, perhaps by another demo (`ss -ltnp "
+                            f"'sport = :{port}'` names the program). Stop that program, or pass another port, "
+                            f"e.g. --port {port + 1}.") from None
+        raise UserError(f"Can't listen on {host}:{port} ({e.strerror or e}). Check --host and --port.") from None
+
+
 @report_user_errors
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    noise.divert("demo", args.verbose)
+    check_port(args.host, args.port)
     backends = [load(args.model, args.backend, args.n_ctx)]
     if args.compare:
         backends.append(load(args.compare, "auto", args.n_ctx))
@@ -204,6 +238,12 @@ def main(argv=None):
     demo = build(backends, system_prompt, Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature))
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    print(f"Serving {' and '.join(b.name for b in backends)} on http://{args.host}:{args.port}"
-          f"{' (and a public share link)' if args.share else ''}. Ctrl-C stops it.", flush=True)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, show_error=True)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, show_error=True,
+                    prevent_thread_lock=True, quiet=not args.verbose)  # our line below says where
+    except OSError as e:  # taken between the check and now
+        raise UserError(f"The demo could not listen on {args.host}:{args.port} ({e}). Pass another --port.") from None
+    public = f", public URL {demo.share_url}" if args.share and demo.share_url else ""
+    print(f"Serving {' and '.join(b.name for b in backends)}: local URL http://{args.host}:{args.port}{public}. "
+          f"Ctrl-C stops it.{' ' + noise.where() if noise.where() else ''}", flush=True)
+    demo.block_thread()
