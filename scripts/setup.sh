@@ -48,8 +48,9 @@ constraints=$(mktemp)
 reqs=$(mktemp)
 trap 'rm -f "$constraints" "$reqs"' EXIT
 if [ $gpu = 1 ]; then
-  say "GPU found: installing requirements.txt with pip's CUDA build of torch"
-  pip install -q -r requirements.txt
+  # keeps a torch already in .venv; without one, installs the newest torch the driver's CUDA runs
+  say "GPU found: installing requirements.txt with scripts/install.py (it names the torch it keeps or picks)"
+  .venv/bin/python scripts/install.py
 else
   say "No GPU: installing the CPU build of torch $TORCH_VERSION"
   pip install -q "torch==$TORCH_VERSION" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
