@@ -116,7 +116,7 @@ def test_train_and_export_keep_third_party_noise_in_their_logs(tmp_path):
                         "--eval-samples", "0"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     logged = first_screen_is_ours(r.stdout + r.stderr, "train")
-    assert "KernelPreference" in logged and "Failed to load" in logged
+    assert any(noise in logged for noise in NOISE), logged  # which ones depends on the torch/torchao builds
 
     run = tmp_path / "phi3-smoke"
     r = subprocess.run([sys.executable, "scripts/export.py", run, "--no-verify"], cwd=REPO, capture_output=True, text=True)
