@@ -4,7 +4,7 @@
     python scripts/train_mistral.py             # the real run on a GPU (Colab T4 is enough)
     python scripts/train_mistral.py --help      # every option
 """
-from medtune.train.trainer import main
+from medtune.train.cli import main
 
 if __name__ == "__main__":
     main("mistral")

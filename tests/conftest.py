@@ -1,6 +1,10 @@
-"""Shared set-up: offline Hub, Unsloth imported first, and the smoke runs that
-several tests read (trained once per session)."""
+"""Shared set-up: offline Hub, the quickstart runs that several test files read (trained once per
+session) and their evaluations, and Unsloth imported first where a selected test needs it.
+
+The fast set loads no model: `pytest -m "not slow and not browser and not distributed"`.
+"""
 import os
+import shutil
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may wait on the network
@@ -10,16 +14,42 @@ REPO = Path(__file__).resolve().parents[1]
 
 import pytest  # noqa: E402
 
-import unsloth  # noqa: E402,F401  (before transformers, as in the scripts)
-
 FAMILIES = ("phi3", "mistral")
+MODEL_MARKERS = ("slow", "browser", "distributed")  # the tests that load Unsloth or a model
+EVAL_ARGS = ["--offline", "--mode", "generate,loglik", "--compare-base", "--limit", "6", "--max-new-tokens", "8"]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Unsloth patches transformers, TRL and PEFT when it is imported, so it must come before them, as in
+    the scripts; it is imported only when a selected test needs a model, so the fast set stays light.
+    Test modules therefore import transformers, TRL and PEFT inside their tests, not at the top."""
+    if not any(item.get_closest_marker(m) for item in items for m in MODEL_MARKERS):
+        return
+    early = [m for m in ("transformers", "trl", "peft") if m in __import__("sys").modules]
+    if early:
+        raise pytest.UsageError(f"{', '.join(early)} was imported while the tests were collected, before Unsloth: "
+                                "import it inside the test or fixture that uses it.")
+    import unsloth  # noqa: F401
 
 
 def train(family, *args, callbacks=()):
     """Run the training entry point in-process; return the run folder."""
-    from medtune.train.trainer import run
+    from medtune.train.cli import run
 
     return run(family, [str(a) for a in args], callbacks=callbacks)
+
+
+def evaluate(*argv):
+    from medtune.evaluation.cli import evaluate as run_evaluate, parse_args
+
+    return run_evaluate(parse_args([str(a) for a in argv]))
+
+
+def copy_run(run, dest):
+    """The run folder without trainer checkpoints, export and evaluation: what a test writes stays in dest."""
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoint-*", "export", "eval"))
+    return dest
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +65,21 @@ def smoke_runs(runs_root):
     def get(family):
         if family not in cache:
             cache[family] = train(family, "--smoke", "--output-dir", runs_root, "--run-name", f"{family}-smoke")
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def evaluated(smoke_runs, tmp_path_factory):
+    """A copy of each quickstart run, evaluated on 6 items of each sample (and its base model)."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            run = copy_run(smoke_runs(family), tmp_path_factory.mktemp("evaluated") / f"{family}-smoke")
+            evaluate(run, *EVAL_ARGS)
+            cache[family] = run
         return cache[family]
 
     return get

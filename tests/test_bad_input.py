@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from conftest import REPO, train
 from medtune.errors import UserError
@@ -23,11 +22,13 @@ def fails(tmp_path, family, *args, words, callbacks=()):
     return str(e.value)
 
 
+@pytest.mark.slow  # loads Unsloth
 def test_unknown_model_id_offline(tmp_path):
     fails(tmp_path, "phi3", "--model", "nobody/no-such-model",
           words=["nobody/no-such-model", "Hub is unreachable", "--model PATH"])
 
 
+@pytest.mark.slow  # loads Unsloth
 def test_folder_without_a_model(tmp_path):
     folder = tmp_path / "not-a-model"
     folder.mkdir()
@@ -35,15 +36,18 @@ def test_folder_without_a_model(tmp_path):
     fails(tmp_path, "phi3", "--model", folder, words=["holds no model", "config.json", "notes.txt"])
 
 
+@pytest.mark.slow  # loads Unsloth
 def test_missing_model_path(tmp_path):
     fails(tmp_path, "mistral", "--model", str(tmp_path / "nowhere" / "model"), words=["no model folder"])
 
 
+@pytest.mark.slow
 def test_absent_lora_targets(tmp_path):
     msg = fails(tmp_path, "phi3", "--target-modules", "c_attn,q_proj", words=["c_attn", "do not exist"])
     assert "qkv_proj" in msg and "down_proj" in msg  # lists the model's real layers
 
 
+@pytest.mark.slow
 def test_every_row_too_long(tmp_path):
     fails(tmp_path, "mistral", "--max-seq-length", "64", words=["Every one of the", "--max-seq-length", "--truncate"])
 
@@ -74,16 +78,19 @@ def test_resume_without_folder_or_checkpoint(tmp_path):
         train("phi3", "--smoke", "--output-dir", tmp_path / "runs", "--resume")
 
 
-class OutOfMemory(TrainerCallback):
-    def on_step_begin(self, args, state, control, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-
+@pytest.mark.slow
 def test_out_of_memory_says_what_to_lower(tmp_path):
+    from transformers import TrainerCallback
+
+    class OutOfMemory(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
     fails(tmp_path, "phi3", callbacks=[OutOfMemory()],
           words=["ran out of memory", "--batch-size 2", "--grad-accum", "--max-seq-length 1024", "Nothing was kept"])
 
 
+@pytest.mark.slow  # loads Unsloth
 def test_bf16_on_a_gpu_without_it_falls_back_to_fp16(monkeypatch):
     from medtune.train import modeling
 

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import REPO
 from medtune.families import FAMILIES
@@ -45,6 +44,8 @@ def test_synthetic_rows_mask_the_prompt_like_training():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_parameter_count_matches_a_real_model(family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     spec = FAMILIES[family]
     sizes = dict(spec.tiny_config, num_key_value_heads=2)  # grouped-query attention for both
     config = AutoConfig.for_model(spec.model_type, **sizes)
@@ -123,7 +124,7 @@ def test_report_flags_configurations_that_attach_lora_differently_and_failed_run
 
 
 def bench(*args, env=None):
-    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "MEDTUNE_BENCH_ALLOW_CPU"}
+    env = {**os.environ, **(env or {})}
     r = subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
     r.message = " ".join(r.stderr.split())  # the error paragraph, unwrapped
     return r

@@ -8,8 +8,7 @@ import pytest
 
 from conftest import REPO
 from medtune.errors import UserError
-from test_evaluate import evaluated  # noqa: F401  (the session's evaluated runs, shared with test_evaluate.py)
-
+pytestmark = pytest.mark.slow
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -19,7 +18,7 @@ def compare(*argv):
     return run_compare(parse_args([str(a) for a in argv]))
 
 
-def test_report_and_charts_from_two_quickstart_runs(evaluated, tmp_path, capsys):  # noqa: F811
+def test_report_and_charts_from_two_quickstart_runs(evaluated, tmp_path, capsys):
     phi, mistral = evaluated("phi3"), evaluated("mistral")
     out = compare(phi, mistral, "--out", tmp_path / "report")
     assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "loss_curves.png", "report.md", "speed_memory.png"]
@@ -58,7 +57,7 @@ def test_runs_not_yet_evaluated_are_reported_as_such(smoke_runs, tmp_path, capsy
 
 
 def test_bad_input(smoke_runs, tmp_path):
-    with pytest.raises(UserError, match="not a finished training run.*folder does not exist"):
+    with pytest.raises(UserError, match="no run folder at .*missing.*the folder does not exist"):
         compare(tmp_path / "missing", smoke_runs("mistral"), "--out", tmp_path / "report")
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -75,4 +74,4 @@ def test_cli(smoke_runs, tmp_path):
     assert f"Wrote {tmp_path / 'report'}/:" in ok.stdout and "report.md" in ok.stdout
     bad = subprocess.run([sys.executable, "scripts/compare.py", str(tmp_path / "nowhere"), str(smoke_runs("phi3"))],
                          cwd=REPO, capture_output=True, text=True)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "not a finished training run" in bad.stderr
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "no run folder at" in bad.stderr

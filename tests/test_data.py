@@ -3,9 +3,8 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from transformers import AutoTokenizer
 
-from medtune.train.data import IGNORE_INDEX, Example, assistant_labels, load_rows, render, to_examples
+from medtune.train.data import IGNORE_INDEX, Example, assistant_labels, conversation_texts, load_rows, to_examples
 from medtune.errors import UserError
 from medtune.families import FAMILIES
 from medtune.offline_tokenizers import tokenizer_dir
@@ -28,6 +27,8 @@ EXPECTED = {
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family_tokenizer(request):
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(tokenizer_dir(request.param))
     tok.chat_template = FAMILIES[request.param].chat_template()
     return FAMILIES[request.param], tok
@@ -35,14 +36,14 @@ def family_tokenizer(request):
 
 def test_rendered_training_text_is_exact(family_tokenizer):
     family, tok = family_tokenizer
-    prompt, full = render(tok, EXAMPLE, SYSTEM)
+    prompt, full = conversation_texts(tok, EXAMPLE, SYSTEM)
     assert full == EXPECTED[family.name]
     assert full.startswith(prompt) and prompt.endswith("<|assistant|>\n" if family.name == "phi3" else "[/INST]")
 
 
 def test_labels_cover_exactly_the_assistant_turn(family_tokenizer):
     family, tok = family_tokenizer
-    prompt, full = render(tok, EXAMPLE, SYSTEM)
+    prompt, full = conversation_texts(tok, EXAMPLE, SYSTEM)
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     ids = tok(full, add_special_tokens=False)["input_ids"]
     labels = assistant_labels(prompt_ids, ids, tok.convert_tokens_to_ids(family.end_of_turn))

@@ -1,8 +1,9 @@
 """The Gradio demo, served for real on a loopback port, driven by headless Chromium and gradio_client.
 
-The model is a tiny Phi-3 trained through the real training path until it answers two questions in
-the trained format (<think>reasoning</think>answer), then exported: its q8_0 GGUF runs on llama.cpp
-and its merged safetensors on transformers, side by side.
+The models are tiny Phi-3s trained through the real training path until they answer two questions in
+the trained format (<think>reasoning</think>answer), each with its own system prompt file, then
+exported: the first run's q8_0 GGUF runs on llama.cpp and the second's merged safetensors on
+transformers, side by side.
 """
 import json
 import os
@@ -18,25 +19,40 @@ import pytest
 
 from conftest import REPO, train
 
+pytestmark = pytest.mark.slow
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
+# Each run's own system prompt (--system-prompt-file): the demo must start from it, not from the repository's.
+PROMPTS = {"answers": "You are a careful clinician. Reason step by step inside <think></think>, then answer.",
+           "answers-b": "Answer as a cardiology consultant would: reasoning in <think></think> first."}
 QUESTIONS = {"Chest pain and ST elevation. What now?": ("ST elevation means infarction.", "Reperfuse now."),
              "Fever and neck stiffness. What now?": ("This suggests meningitis.", "Give antibiotics.")}
 
 
 @pytest.fixture(scope="module")
-def answering_export(tmp_path_factory):
+def answering_exports(tmp_path_factory):
+    """Two runs on the same two questions, each trained with its own system prompt, and their exports."""
+    from medtune.export.cli import export, parse_args
+
     root = tmp_path_factory.mktemp("demo")
     data = root / "two.jsonl"
     rows = [{"Question": q, "Complex_CoT": r, "Response": a} for q, (r, a) in QUESTIONS.items()]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
-    run = train("phi3", "--smoke", "--dataset", data, "--output-dir", root, "--run-name", "answers",
-                "--max-steps", "60", "--learning-rate", "1e-2", "--lr-scheduler", "constant", "--warmup-steps", "0",
-                "--eval-samples", "0", "--batch-size", "2", "--grad-accum", "1", "--save-steps", "1000")
-    from medtune.export.cli import export, parse_args
+    exports = []
+    for name, prompt in PROMPTS.items():
+        (root / f"{name}-prompt.txt").write_text(prompt)
+        run = train("phi3", "--smoke", "--dataset", data, "--output-dir", root, "--run-name", name,
+                    "--system-prompt-file", root / f"{name}-prompt.txt", "--max-steps", "60", "--learning-rate",
+                    "1e-2", "--lr-scheduler", "constant", "--warmup-steps", "0", "--eval-samples", "0",
+                    "--batch-size", "2", "--grad-accum", "1", "--save-steps", "1000")
+        export(parse_args([str(run), "--quant", "q8_0"]))
+        exports.append(run / "export")
+    return exports
 
-    export(parse_args([str(run), "--quant", "q8_0"]))
-    return run / "export"
+
+@pytest.fixture(scope="module")
+def answering_export(answering_exports):
+    return answering_exports[0]
 
 
 def free_port():
@@ -69,9 +85,10 @@ def serve(log_path, *args):
 
 
 @pytest.fixture(scope="module")
-def server(answering_export):
+def server(answering_exports):
+    answering_export, other = answering_exports
     yield from serve(answering_export.parent / "demo.log", answering_export / "answers-q8_0.gguf", "--compare",
-                     answering_export / "merged", "--temperature", "0", "--max-new-tokens", "48")
+                     other / "merged", "--temperature", "0", "--max-new-tokens", "48")
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +124,7 @@ def browser():
         b.close()
 
 
+@pytest.mark.browser
 def test_browser_chat_streams_reasoning_apart_from_the_answer(server, browser):
     _, url = server
     page = browser.new_page(viewport={"width": 1200, "height": 1000})
@@ -148,7 +166,28 @@ def client(url):
 
 
 # the system prompt the model was trained with, max new tokens, temperature (greedy), top-p, repetition penalty
-SETTINGS = ((REPO / "prompts/system_prompt.txt").read_text().strip(), 48, 0.0, 0.9, 1.0)
+SETTINGS = (PROMPTS["answers"], 48, 0.0, 0.9, 1.0)
+
+
+@pytest.mark.browser
+def test_each_model_starts_from_the_system_prompt_it_was_trained_with(server, browser):
+    """The run's own system prompt, not the repository's: in the chat, the API and per model in Compare."""
+    _, url = server
+    page = browser.new_page(viewport={"width": 1200, "height": 1000})
+    page.goto(url)
+    page.get_by_text("System prompt and generation settings").click()  # the accordion opens
+    assert page.locator("#system-prompt textarea").input_value() == PROMPTS["answers"]
+    page.get_by_role("tab", name="Compare").click()
+    for i, name in enumerate(PROMPTS):
+        assert page.locator(f"#compare-system-{i} textarea").input_value() == PROMPTS[name]
+    page.close()
+
+    c = client(url)
+    params = c.view_api(print_info=False, return_format="dict")["named_endpoints"]["/ask"]["parameters"]
+    assert params[1]["parameter_default"] == PROMPTS["answers"] != (REPO / "prompts/system_prompt.txt").read_text().strip()
+    question, (reasoning, answer) = next(iter(QUESTIONS.items()))
+    settings = {p["parameter_name"]: value for p, value in zip(params[2:], SETTINGS[1:])}  # all but the prompt
+    assert c.predict(question, api_name="/ask", **settings) == f"<think>\n{reasoning}\n</think>\n\n{answer}"
 
 
 def test_gradio_client_gets_an_answer(server):
@@ -227,7 +266,8 @@ def test_a_run_folder_without_export_answers_through_its_adapter(answering_expor
     backend = load(answering_export.parent, "unsloth")
     assert backend.kind == "transformers" and backend.name == "answers (LoRA)"
     question, (reasoning, answer) = next(iter(QUESTIONS.items()))
-    messages = [{"role": "system", "content": SETTINGS[0]}, {"role": "user", "content": question}]
+    assert backend.system_prompt == PROMPTS["answers"]
+    messages = [{"role": "system", "content": backend.system_prompt}, {"role": "user", "content": question}]
     stats = Stats()
     text = "".join(backend.stream(messages, Settings(48, 0.0, 1.0, 1.0), stats))
     assert text.strip() == f"<think>\n{reasoning}\n</think>\n{answer}" and stats.tokens > 0
@@ -339,5 +379,5 @@ def test_compare_tab_enter_stop_and_layout(random_server, browser):
 def test_first_screen_of_the_demo_is_ours(server, answering_export):
     shown = (answering_export.parent / "demo.log").read_text()
     assert "To create a public link" not in shown and "Failed to load" not in shown and "_pytree" not in shown, shown
-    assert "Serving answers-q8_0.gguf and answers/merged: local URL http://127.0.0.1:" in shown
+    assert "Serving answers-q8_0.gguf and answers-b/merged: local URL http://127.0.0.1:" in shown
     assert "Third-party messages: " in shown and "demo.log (--verbose shows them here)" in shown

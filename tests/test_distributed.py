@@ -82,6 +82,7 @@ def test_default_steps_mean_the_same_data_on_any_number_of_processes():
         assert (steps - 1) * per_step < DEFAULT_TRAIN_EXAMPLES <= steps * per_step
 
 
+@pytest.mark.distributed
 def test_only_rank_0_prints_and_writes_the_run_folder(ddp, root):
     run_dir = ddp.run_dir
     assert sorted(p.name for p in (root / "runs").iterdir()) == ["full"]
@@ -108,6 +109,7 @@ def test_only_rank_0_prints_and_writes_the_run_folder(ddp, root):
         assert "Traceback" not in ddp.err[rank] and "error:" not in ddp.err[rank]
 
 
+@pytest.mark.distributed
 def test_steps_batches_and_tokens_count_every_process(ddp):
     from medtune.config import parse_config
     from medtune.train.data import load_rows, split_examples, to_examples, tokenize_examples
@@ -139,6 +141,7 @@ def test_steps_batches_and_tokens_count_every_process(ddp):
     assert s["trained_tokens"] == by_step[STEPS]["tokens_seen"] == sum(len(r["input_ids"]) for r in rows)
 
 
+@pytest.mark.distributed
 def test_ctrl_c_then_resume_continues_at_the_saved_step_as_if_never_stopped(ddp, root):
     cut = Launch(root, "cut", "--run-name", "cut", "--max-steps", STEPS, "--save-steps", SAVE, interrupt_at=4)
     run_dir = root / "runs" / "cut"
@@ -164,6 +167,7 @@ def test_ctrl_c_then_resume_continues_at_the_saved_step_as_if_never_stopped(ddp,
     assert all(abs(a[k] - b[k]) < 1e-3 for k in a), (a, b)
 
 
+@pytest.mark.distributed
 def test_resume_with_another_number_of_processes_is_refused(ddp):
     before = (ddp.run_dir / "metrics.jsonl").read_bytes()
     r = subprocess.run([sys.executable, "scripts/train_phi.py", "--smoke", "--output-dir", ddp.run_dir.parent,
@@ -176,6 +180,7 @@ def test_resume_with_another_number_of_processes_is_refused(ddp):
     assert (ddp.run_dir / "metrics.jsonl").read_bytes() == before
 
 
+@pytest.mark.distributed
 def test_a_user_error_stops_every_rank_with_one_paragraph(ddp):
     """What torchrun and accelerate launch start: one process per rank, told its rank by the environment."""
     procs = []
@@ -191,6 +196,7 @@ def test_a_user_error_stops_every_rank_with_one_paragraph(ddp):
     assert err1 == "" and "Traceback" not in err0
 
 
+@pytest.mark.distributed
 def test_accelerate_launch_runs_the_same_checks(ddp):
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

@@ -9,44 +9,15 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import EVAL_ARGS, REPO, copy_run, evaluate
 from medtune.evaluation.tasks import BENCHMARKS, load_items, user_message
 from medtune.errors import UserError
+from medtune.fileio import read_jsonl as rows
 
-EVAL_ARGS = ["--offline", "--mode", "generate,loglik", "--compare-base", "--limit", "6", "--max-new-tokens", "8"]
 FILES = [f"{b}-{m}.jsonl" for b in BENCHMARKS for m in ("generate", "loglik")] + ["heldout-loss.jsonl"]
-_EVALUATED = {}  # test_compare.py imports the fixture too: each run is evaluated once per session
 
 
-def evaluate(*argv):
-    from medtune.evaluation.cli import evaluate as run_evaluate, parse_args
-
-    return run_evaluate(parse_args([str(a) for a in argv]))
-
-
-def copy_run(run, dest):
-    """The run folder without trainer checkpoints: what evaluation writes into it stays in dest."""
-    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("checkpoint-*", "export", "eval"))
-    return dest
-
-
-@pytest.fixture(scope="session")
-def evaluated(smoke_runs, tmp_path_factory):
-    """A copy of each quickstart run, evaluated on 6 items of each sample (and its base model)."""
-    def get(family):
-        if family not in _EVALUATED:
-            run = copy_run(smoke_runs(family), tmp_path_factory.mktemp("evaluated") / f"{family}-smoke")
-            evaluate(run, *EVAL_ARGS)
-            _EVALUATED[family] = run
-        return _EVALUATED[family]
-
-    return get
-
-
-def rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
+@pytest.mark.slow
 def test_generate_and_loglik_write_every_output(evaluated):
     run = evaluated("phi3")
     out = run / "eval"
@@ -76,6 +47,7 @@ def test_generate_and_loglik_write_every_output(evaluated):
             assert entry["accuracy_norm"] == sum(r["correct_norm"] for r in scored) / 6
 
 
+@pytest.mark.slow
 def test_a_second_run_resumes_without_redoing_items(evaluated, tmp_path, capsys):
     moved = shutil.copytree(evaluated("mistral"), tmp_path / "moved")  # results follow the run folder
     out = moved / "eval"
@@ -100,6 +72,7 @@ def direct_loglik(model, tokenizer, context, continuation):
     return sum(logprobs[t - 1, ids[t]].item() for t in range(n, len(ids)))
 
 
+@pytest.mark.slow
 def test_loglik_equals_a_direct_computation(evaluated):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -121,6 +94,7 @@ def test_loglik_equals_a_direct_computation(evaluated):
             assert r["answer_norm"] == r["choices"][max(range(len(per_char)), key=per_char.__getitem__)]
 
 
+@pytest.mark.slow
 def test_heldout_loss_uses_the_training_masks(evaluated):
     from medtune.config import TrainConfig
     from medtune.train.data import IGNORE_INDEX, to_examples, tokenize_examples
@@ -142,6 +116,7 @@ def test_heldout_loss_uses_the_training_masks(evaluated):
     assert tuned["loss"] < base["loss"]  # twelve steps of LoRA already fit the answers a little better
 
 
+@pytest.mark.slow
 def test_export_and_model_folders(evaluated, tmp_path):
     """An export evaluates as the merged model (base from its run); a plain model folder as itself."""
     from medtune.export.merge import copy_tokenizer, merge
@@ -201,6 +176,7 @@ def bad_sample(tmp_path, line):
     return f"medqa={path}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, words", [
     (lambda run, tmp: [run, "--benchmarks", "medqa,usmle"], ["usmle", "medqa, medmcqa, pubmedqa, heldout"]),
     (lambda run, tmp: [tmp / "missing-run"], ["no run folder or model folder", "missing-run"]),
@@ -228,6 +204,7 @@ def test_bad_input_says_what_and_writes_nothing(evaluated, tmp_path, case, words
     assert not out.exists() and sorted(p for p in run.rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_results_of_other_settings_are_not_mixed(evaluated):
     out = evaluated("phi3") / "eval"
     before = (out / "medqa-generate.jsonl").read_bytes()

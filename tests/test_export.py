@@ -8,19 +8,19 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import FAMILIES, REPO
+from conftest import FAMILIES, REPO, copy_run
 from medtune.errors import UserError
 from medtune.families import FAMILIES as SPECS
 
+pytestmark = pytest.mark.slow
 QUANTS = "q4_k_m,q8_0,f16"
 
 
-def export(*argv, **kw):
+def export(*argv):
     from medtune.export.cli import export as run_export, parse_args
 
-    return run_export(parse_args([str(a) for a in argv]), **kw)
+    return run_export(parse_args([str(a) for a in argv]))
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +62,8 @@ def test_merged_model_loads_without_peft_or_unsloth(exported, family):
         assert (merged / name).is_file(), name
     config = json.loads((merged / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float16"
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(merged)
     gen = json.loads((merged / "generation_config.json").read_text())
     assert tok.convert_tokens_to_ids(SPECS[family].end_of_turn) in gen["eos_token_id"]
@@ -91,6 +93,8 @@ def test_modelfile_matches_the_chat_template(exported, family):
     assert system == (REPO / "prompts/system_prompt.txt").read_text().strip()
     stops = re.findall(r'PARAMETER stop "(.*?)"', text)
     assert stops == list(SPECS[family].stop_tokens) and SPECS[family].end_of_turn in stops
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(final / "merged")
     msgs = [{"role": "system", "content": system}, {"role": "user", "content": "Q?"},
             {"role": "assistant", "content": "A."}]
@@ -104,7 +108,7 @@ def test_modelfile_matches_the_chat_template(exported, family):
 
 def test_a_4bit_base_is_dequantized_before_merging(tmp_path):
     """Unsloth's default bases are bitsandbytes 4-bit checkpoints: export dequantizes, then merges."""
-    from transformers import BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from conftest import train
     from medtune.train.modeling import tiny_model_dir
@@ -133,11 +137,17 @@ def test_gguf_carries_template_and_special_ids(exported):
     assert "phi-3" in meta["name"].lower()  # llama.cpp keys Phi-3's whitespace handling on the name
 
 
-def test_failure_mid_export_leaves_nothing(smoke_runs, tmp_path):
+def test_failure_mid_export_leaves_nothing(smoke_runs, tmp_path, monkeypatch):
+    from medtune.export import gguf
+
+    def quantize_fails(*args):  # after the real merge and f16 conversion
+        raise RuntimeError("injected failure in quantize")
+
+    monkeypatch.setattr(gguf, "quantize", quantize_fails)
     run = tmp_path / "run"
     shutil.copytree(smoke_runs("mistral"), run, ignore=shutil.ignore_patterns("checkpoint-*", "export"))
     with pytest.raises(RuntimeError, match="injected"):
-        export(run, fail_after="gguf f16")
+        export(run)
     assert sorted(p.name for p in run.iterdir() if "export" in p.name) == []
 
 
@@ -169,6 +179,24 @@ def test_not_a_run_folder(tmp_path):
     with pytest.raises(UserError) as e:
         export(tmp_path)
     assert "adapter_model.safetensors" in str(e.value) and "found: notes.txt" in str(e.value)
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda run: (run / "adapter_model.safetensors").write_bytes((run / "adapter_model.safetensors").read_bytes()[:-999]),
+     ["adapter_model.safetensors is cut short", "Restore the damaged file"]),
+    (lambda run: (run / "tokenizer.model").unlink(), ["tokenizer.model missing", "Copy the base model's tokenizer.model"]),
+])
+def test_a_damaged_run_folder_stops_before_the_merge(smoke_runs, tmp_path, monkeypatch, damage, words):
+    from medtune.export import merge
+
+    monkeypatch.setattr(merge, "merge", lambda *a, **k: pytest.fail("a damaged run folder was merged"))
+    run = copy_run(smoke_runs("phi3"), tmp_path / "run")
+    damage(run)
+    with pytest.raises(UserError) as e:
+        export(run)
+    for w in [*words, "(found: ", "adapter_config.json, adapter_model.safetensors, chat_template.jinja, config.yaml"]:
+        assert w in str(e.value), str(e.value)
+    assert not any("export" in p.name for p in run.iterdir())
 
 
 def test_adapter_that_does_not_match_the_base(smoke_runs, tmp_path):

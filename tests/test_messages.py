@@ -11,7 +11,7 @@ from medtune.errors import UserError, report_user_errors
 
 
 def test_a_short_run_summary_says_why_it_has_no_speed(tmp_path, capsys):
-    from medtune.train.trainer import print_summary
+    from medtune.train.cli import print_summary
 
     print_summary(tmp_path, {"steps": 3, "effective_batch": 4, "world_size": 1, "wall_time_s": 9.0, "resumed_from": None,
                              "train_loss": 10.9, "eval_loss": None, "tokens_per_s": None, "s_per_step": None,

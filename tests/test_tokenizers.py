@@ -7,7 +7,6 @@ medtune cache; later runs take a few seconds.
 
 import pytest
 import sentencepiece as spm
-from transformers import AutoTokenizer
 
 from medtune.offline_tokenizers import llama_cpp_dir, tokenizer_dir
 
@@ -40,11 +39,15 @@ MESSAGES = [
 
 @pytest.fixture(scope="module")
 def phi3():
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(tokenizer_dir("phi3"))
 
 
 @pytest.fixture(scope="module")
 def mistral():
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(tokenizer_dir("mistral"))
 
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from conftest import FAMILIES, REPO, train
 from medtune.config import SAMPLE_DATASET, to_dict, TrainConfig
@@ -25,6 +24,7 @@ def losses(run_dir):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow
 def test_smoke_run_writes_a_complete_run_folder(smoke_runs, family):
     run_dir = smoke_runs(family)
     for name in RUN_FILES:
@@ -59,6 +59,7 @@ def test_smoke_run_writes_a_complete_run_folder(smoke_runs, family):
     assert [r["step"] for r in records if "eval_loss" in r] == [6, 12]
 
 
+@pytest.mark.slow
 def test_saved_config_reproduces_the_run(smoke_runs, runs_root):
     original = smoke_runs("phi3")
     again = train("phi3", "--config", original / "config.yaml", "--output-dir", runs_root, "--run-name", "phi3-again")
@@ -66,21 +67,23 @@ def test_saved_config_reproduces_the_run(smoke_runs, runs_root):
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
 
 
-class StopAt(TrainerCallback):
-    """Stands in for a crash or Ctrl-C part-way through training."""
+def stop_at(step):
+    """A callback that stands in for a crash or Ctrl-C part-way through training."""
+    from transformers import TrainerCallback
 
-    def __init__(self, step):
-        self.step = step
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise KeyboardInterrupt
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
+    return StopAt()
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_saved_step(smoke_runs, runs_root):
     reference = losses(smoke_runs("mistral"))
     with pytest.raises(KeyboardInterrupt):
-        train("mistral", "--smoke", "--output-dir", runs_root, "--run-name", "cut", callbacks=[StopAt(8)])
+        train("mistral", "--smoke", "--output-dir", runs_root, "--run-name", "cut", callbacks=[stop_at(8)])
     run_dir = runs_root / "cut"
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-6"]
     assert not (run_dir / "adapter_model.safetensors").exists()
@@ -94,12 +97,14 @@ def test_resume_continues_at_the_saved_step(smoke_runs, runs_root):
     assert all(abs(resumed[k] - reference[k]) < 1e-3 for k in range(7, 13)), (resumed, reference)
 
 
+@pytest.mark.slow
 def test_resume_may_extend_but_not_change_the_run(smoke_runs, runs_root):
     run_dir = smoke_runs("phi3")
     with pytest.raises(UserError, match="lora_r"):
         train("phi3", "--smoke", "--output-dir", runs_root, "--run-name", run_dir.name, "--resume", "--lora-r", "8")
 
 
+@pytest.mark.slow
 def test_lora_learns_and_the_base_stays_frozen(tmp_path):
     """A few steps on a repeated small batch: loss falls by at least half, LoRA weights move, base weights don't."""
     from medtune.train.modeling import attach_lora, load_model, tiny_model_dir
@@ -130,6 +135,7 @@ def test_lora_learns_and_the_base_stays_frozen(tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow
 def test_preset_targets_exist_in_the_family_model(family):
     from medtune.train.modeling import attach_lora, linear_names, load_model, tiny_model_dir
     from medtune.config import parse_config
@@ -152,6 +158,7 @@ def test_target_resolution_handles_fused_and_split_weights():
     assert resolve_lora_targets(["q_proj", "c_attn"], fused) == (["qkv_proj"], ["c_attn"])
 
 
+@pytest.mark.slow
 def test_quickstart_command_runs_on_cpu(tmp_path):
     """The README's quickstart, as a user runs it: the real CLI, a fresh process."""
     r = subprocess.run([sys.executable, "scripts/train_mistral.py", "--smoke", "--output-dir", tmp_path],

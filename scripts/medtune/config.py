@@ -12,11 +12,12 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from medtune.errors import UserError
+from medtune.errors import UserError, parse_options
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATASET = "FreedomIntelligence/medical-o1-reasoning-SFT"
 SAMPLE_DATASET = "data/medical_reasoning_sample.jsonl"
+DEFAULT_SYSTEM_PROMPT_FILE = "prompts/system_prompt.txt"
 # The default run's data whatever the batch and the number of processes: 500 steps of 8 sequences on
 # one GPU, under an hour for Phi-3 on a T4.
 DEFAULT_TRAIN_EXAMPLES = 4_000
@@ -49,7 +50,7 @@ class TrainConfig:
     eval_samples: int | None = _f(None, "Rows held out for eval loss (default 100, capped at 10%% of the data; 0 = no eval).")
     eval_fraction: float | None = _f(None, "Fraction of rows held out for eval loss, instead of --eval-samples.")
     truncate: bool = _f(False, "Cut rows longer than --max-seq-length instead of dropping them.")
-    system_prompt_file: str = _f("prompts/system_prompt.txt", "File with the system prompt used in every example.")
+    system_prompt_file: str = _f(DEFAULT_SYSTEM_PROMPT_FILE, "File with the system prompt used in every example.")
     # training
     # 8 x 1 rather than the notebooks' 2 x 4: the same 8 sequences per optimizer step, ~2x the tokens/s on
     # an H100 (larger matmuls), within a T4's 15 GB at 2048 tokens (BENCHMARKS.md).
@@ -176,9 +177,7 @@ def _read_yaml(path):
 def parse_config(argv, family, prog, description):
     """Parse argv (+ YAML) into a validated TrainConfig. Returns (config, names given explicitly)."""
     parser = build_parser(prog, description)
-    ns, unknown = parser.parse_known_args(argv)
-    if unknown:
-        raise UserError(f"Unknown option(s): {' '.join(unknown)}. Run with --help to list every option.")
+    ns = parse_options(parser, argv)
     given = vars(ns)
     yaml_path = given.pop("config", None)
     types = {f.name: f.type for f in fields(TrainConfig)}
@@ -264,6 +263,11 @@ def default_max_steps(cfg, world_size):
 def to_dict(cfg):
     """The options that reproduce a run (saved as config.yaml in the run folder)."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_SAVED}
+
+
+def default_system_prompt():
+    """The repository's system prompt, for a model that brings none of its own (not a run of ours)."""
+    return (REPO_ROOT / DEFAULT_SYSTEM_PROMPT_FILE).read_text().strip()
 
 
 def resolve_path(path):

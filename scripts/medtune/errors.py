@@ -4,7 +4,6 @@ import sys
 import textwrap
 
 from medtune import distributed
-from medtune.offline_tokenizers import OfflineSetupError
 
 
 class UserError(Exception):
@@ -19,16 +18,27 @@ class UserError(Exception):
         self.rank_specific = rank_specific
 
 
+def parse_options(parser, argv, problems=None):
+    """argparse's namespace for argv, where an unknown option is a UserError rather than argparse's usage
+    dump; with a `problems` list it is added there, to be reported with the caller's other findings."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        message = f"Unknown option(s): {' '.join(unknown)}. Run with --help to list every option."
+        if problems is None:
+            raise UserError(message)
+        problems.append(message)
+    return args
+
+
 def report_user_errors(fn):
-    """Turn UserError, OfflineSetupError (a missing or damaged cache: the message says how to rebuild it)
-    and Ctrl-C into a short message and exit status 2 (130 for Ctrl-C), on every rank."""
+    """Turn UserError (and Ctrl-C) into a short message and exit status 2 (130 for Ctrl-C), on every rank."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (UserError, OfflineSetupError) as e:
-            if distributed.is_main() or getattr(e, "rank_specific", False):
+        except UserError as e:
+            if distributed.is_main() or e.rank_specific:
                 msg = "\n".join(textwrap.fill(p, 100, break_on_hyphens=False, break_long_words=False)  # keep --flag-names whole
                                 for p in str(e).split("\n"))
                 print(f"\nerror: {msg}", file=sys.stderr)

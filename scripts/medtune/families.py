@@ -33,6 +33,11 @@ class Family:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.unk_token
 
+    def stop_ids(self, tokenizer, eos_id=None):
+        """Token ids that end an answer: EOS (the tokenizer's, or `eos_id`) and the end-of-turn token."""
+        eos = tokenizer.eos_token_id if eos_id is None else eos_id
+        return sorted({eos, tokenizer.convert_tokens_to_ids(self.end_of_turn)})
+
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Microsoft's Phi-3 checkpoints fuse these projections into one Linear each.

@@ -25,22 +25,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import zipfile
-import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+
+if not __package__:  # run as a file: its own folder is on sys.path, the package's parent is not
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from medtune.config import REPO_ROOT  # noqa: E402
+from medtune.cache_checks import OfflineSetupError, check_tokenizer_dir, damaged_download  # noqa: E402
+from medtune.fileio import atomic_dir, write_text_atomic  # noqa: E402
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 MISTRAL_COMMON_VERSION = "1.13.1"
-FAMILIES = ("phi3", "mistral")
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CHAT_TEMPLATES = REPO_ROOT / "prompts" / "chat_templates"
 
 # The parts of vendor/llama.cpp that the toolkit uses: the Phi-3 vocabulary and its test vectors, and what
@@ -62,41 +63,9 @@ _PHI3_SPM_PIECES = 32000
 _MISTRAL_MAX_LENGTH = 32768  # Mistral-7B-Instruct-v0.2's context length; the wheel does not record it.
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja")
-_REBUILD = "python scripts/medtune/offline_tokenizers.py"
-
-
-class OfflineSetupError(RuntimeError):
-    """A source of the offline tokenizers could not be downloaded, or the cache is damaged. The
-    message says how to fix it; medtune.errors reports it as a user error (this module imports
-    nothing of medtune's, so that it also runs on its own)."""
-
-
 def cache_dir() -> Path:
     """Root of the medtune cache: $MEDTUNE_CACHE, or <repo>/.cache/medtune."""
     return Path(os.environ.get("MEDTUNE_CACHE") or REPO_ROOT / ".cache" / "medtune")
-
-
-@contextmanager
-def _atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield an empty folder that becomes `target` only if the block succeeds.
-
-    The folder is a sibling of `target`, so the final rename is atomic: a reader never sees half a
-    build. If another process renamed its own build into place first, theirs is kept.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left behind by a killed run that had the same pid
-    tmp.mkdir()
-    try:
-        yield tmp
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _pip_download(filename: str, requirement: str, *pip_args: str) -> Path:
@@ -147,7 +116,7 @@ def llama_cpp_dir() -> Path:
                 yield member
 
     sdist = llama_cpp_sdist()
-    with _damaged_download(sdist), _atomic_dir(target) as tmp, tarfile.open(sdist) as tar:
+    with damaged_download(sdist), atomic_dir(target) as tmp, tarfile.open(sdist) as tar:
         tar.extractall(tmp, members=wanted(tar), filter="data")
         missing = [name for name in _LLAMA_CPP_FILES if not (tmp / name).is_file()]
         if missing:
@@ -155,37 +124,20 @@ def llama_cpp_dir() -> Path:
     return target
 
 
-@contextmanager
-def _damaged_download(path: Path) -> Iterator[None]:
-    """A truncated or foreign file in downloads/ (a killed download, a copied cache): say which, and how
-    to get it again, instead of the archive module's traceback."""
-    try:
-        yield
-    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, KeyError) as e:
-        raise OfflineSetupError(f"The cached download {path} is damaged ({type(e).__name__}: {e}). Delete it and "
-                                f"run `{_REBUILD}`, which downloads it again.") from None
-
-
 def tokenizer_dir(family: str) -> Path:
     """cache_dir()/tokenizers/<family> ("phi3" or "mistral"), built on first use."""
-    builders = {"phi3": _build_phi3, "mistral": _build_mistral}
-    if family not in builders:
-        raise ValueError(f"unknown tokenizer family {family!r}; expected one of {FAMILIES}")
+    if family not in BUILDERS:
+        raise ValueError(f"unknown tokenizer family {family!r}; expected one of {tuple(BUILDERS)}")
     target = cache_dir() / "tokenizers" / family
     if not target.is_dir():
-        with _atomic_dir(target) as tmp:
-            builders[family](tmp)
-    missing = [name for name in _TOKENIZER_FILES if not (target / name).is_file()]
-    if missing:
-        raise OfflineSetupError(f"The cached {family} tokenizer {target} is incomplete ({', '.join(missing)} "
-                                f"missing). Delete that folder and run `{_REBUILD} {family}`, which builds it again.")
+        with atomic_dir(target) as tmp:
+            BUILDERS[family](tmp)
+    check_tokenizer_dir(target, family)
     # The chat template is the repo's file, which can change after the build: keep the cached copy current.
     template = _chat_template(family)
     cached = target / "chat_template.jinja"
     if cached.read_text(encoding="utf-8") != template:
-        tmp_file = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
-        tmp_file.write_text(template, encoding="utf-8")
-        os.replace(tmp_file, cached)
+        write_text_atomic(cached, template)
     return target
 
 
@@ -203,8 +155,7 @@ def _build_phi3(out: Path) -> None:
     def field(key: str):
         return reader.fields[key].contents()
 
-    tokens, scores, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.scores"), \
-        field("tokenizer.ggml.token_type")
+    tokens, scores, types = (field(f"tokenizer.ggml.{key}") for key in ("tokens", "scores", "token_type"))
     if tokens[:3] != ["<unk>", "<s>", "</s>"]:
         raise ValueError(f"unexpected Phi-3 vocabulary head {tokens[:3]}")
 
@@ -227,8 +178,8 @@ def _build_phi3(out: Path) -> None:
     proto.trainer_spec.model_type = spm_pb2.TrainerSpec.BPE
     proto.trainer_spec.vocab_size = _PHI3_SPM_PIECES
     proto.trainer_spec.byte_fallback = True
-    proto.trainer_spec.unk_id, proto.trainer_spec.bos_id, proto.trainer_spec.eos_id = 0, 1, 2
-    proto.trainer_spec.pad_id = -1
+    spec = proto.trainer_spec
+    spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = 0, 1, 2, -1
     proto.normalizer_spec.name = "identity"
     proto.normalizer_spec.add_dummy_prefix = True
     proto.normalizer_spec.remove_extra_whitespaces = False
@@ -265,7 +216,7 @@ def _build_mistral(out: Path) -> None:
         f"mistral-common=={MISTRAL_COMMON_VERSION}",
         "--only-binary", ":all:",
     )
-    with _damaged_download(wheel), zipfile.ZipFile(wheel) as zf:
+    with damaged_download(wheel), zipfile.ZipFile(wheel) as zf:
         proto = spm_pb2.ModelProto.FromString(zf.read("mistral_common/data/tokenizer.model.v1"))
     spec = proto.trainer_spec
     added = {i: AddedToken(proto.pieces[i].piece, special=True, normalized=False)
@@ -321,13 +272,16 @@ def _save_tokenizer(out: Path, proto, added: dict, family: str, **config) -> Non
     (out / "tokenizer.model").write_bytes(proto.SerializeToString())
 
 
+BUILDERS = {"phi3": _build_phi3, "mistral": _build_mistral}  # the families whose tokenizers are built here
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("families", nargs="*", default=list(FAMILIES), metavar="family",
-                        help=f"tokenizers to build: {', '.join(FAMILIES)} (default: all)")
+    parser.add_argument("families", nargs="*", default=list(BUILDERS), metavar="family",
+                        help=f"tokenizers to build: {', '.join(BUILDERS)} (default: all)")
     args = parser.parse_args(argv)
-    if unknown := sorted(set(args.families) - set(FAMILIES)):
-        parser.error(f"unknown tokenizer family {', '.join(unknown)}; expected {', '.join(FAMILIES)}")
+    if unknown := sorted(set(args.families) - set(BUILDERS)):
+        parser.error(f"unknown tokenizer family {', '.join(unknown)}; expected {', '.join(BUILDERS)}")
     for family in dict.fromkeys(args.families):
         try:
             path = tokenizer_dir(family)

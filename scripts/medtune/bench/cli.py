@@ -20,6 +20,7 @@ from pathlib import Path
 from medtune.config import REPO_ROOT, TrainConfig
 from medtune.errors import UserError
 from medtune.families import FAMILIES
+from medtune.fileio import write_json_atomic
 from medtune.bench.perf import medical_o1_lengths, parameter_count, prompt_length, synthetic_rows
 from medtune.bench.report import check_targets, measured, render_markdown, summary_table
 
@@ -50,7 +51,6 @@ def parse_args(argv):
     p.add_argument("--markdown", default=str(REPO_ROOT / "BENCHMARKS.md"), help="report to (re)write")
     p.add_argument("--report-only", action="store_true",
                    help="measure nothing: rewrite the report from OUT/benchmark.json (no GPU needed)")
-    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # 2-layer models: tests of the plumbing
     args = p.parse_args(argv)
     problems = []
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -72,7 +72,7 @@ def parse_args(argv):
 def require_gpu():
     import torch
 
-    if torch.cuda.is_available() or os.environ.get("MEDTUNE_BENCH_ALLOW_CPU") == "1":
+    if torch.cuda.is_available():
         return
     raise UserError("scripts/benchmark.py measures training speed and memory on a CUDA GPU, and this machine has "
                     "none (torch.cuda.is_available() is False). Run it where an NVIDIA GPU is visible, e.g. Colab "
@@ -157,14 +157,14 @@ def lengths_for(args, family, n):
 
 def measure_model(args, run, family, out, results, save):
     fam = FAMILIES[family]
-    sizes = fam.tiny_config if args.tiny else fam.full_config
-    model_dir = Path(args.models_dir or out / "models").expanduser() / f"{family}{'-tiny' if args.tiny else ''}-nf4"
+    sizes = fam.full_config
+    model_dir = Path(args.models_dir or out / "models").expanduser() / f"{family}-nf4"
     entry = results.setdefault(family, {})
     entry.update(title=fam.title, params=parameter_count(sizes))
     if {"compare", "tuning"} - args.skip:  # speeds measured now: MFU against this run's matmul rate
         entry.update(matmul=run.matmul, measured=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     if not (model_dir / "config.json").is_file():
-        built = run("build", f"{family}-build", family=family, out=str(model_dir), tiny=args.tiny)
+        built = run("build", f"{family}-build", family=family, out=str(model_dir))
         if "error" in built:
             entry["error"] = "building the random-weight model failed"
             return
@@ -216,13 +216,12 @@ def run_benchmark(argv=None):
     report = json.loads(json_path.read_text()) if json_path.is_file() else {"models": {}}
 
     def save():  # after every measurement: a later failure keeps what was measured
-        tmp = json_path.with_name(json_path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.rename(json_path)
+        write_json_atomic(json_path, report, indent=1)
+
     run = Runner(out)
     print(f"Benchmark of {', '.join(args.models)}: {args.warmup} warm-up + {args.steps} measured steps each; "
           f"logs in {out / 'logs'}", flush=True)
-    report["matmul"] = run.matmul = run("matmul", "matmul", sizes=[256, 512] if args.tiny else [4096, 8192, 16384])
+    report["matmul"] = run.matmul = run("matmul", "matmul", sizes=[4096, 8192, 16384])
     report.update(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), versions=versions(),
                   gpu=report["matmul"].get("gpu"), steps=args.steps, warmup=args.warmup)
     for family in args.models:

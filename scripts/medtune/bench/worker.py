@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from medtune.fileio import write_json_atomic
+
 NOTEBOOK = dict(batch_size=2, grad_accum=4, max_seq_length=2048, r=16, alpha=16)
 
 
@@ -48,11 +50,10 @@ def build(spec):
 
     family = FAMILIES[spec["family"]]
     out = Path(spec["out"])
-    sizes = family.tiny_config if spec.get("tiny") else family.full_config
     dense = out.with_name(out.name + ".bf16")
     started = time.perf_counter()
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    build_random_model(family, dense, sizes, device=device(), dtype=dtype)
+    build_random_model(family, dense, family.full_config, device=device(), dtype=dtype)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(dense, quantization_config=quant, dtype=torch.bfloat16,
@@ -308,10 +309,7 @@ def main():
     spec = json.loads(spec_path.read_text())
     for k, v in spec.get("env", {}).items():
         os.environ[k] = v
-    result = JOBS[spec["job"]](spec)
-    tmp = result_path.with_name(result_path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.rename(result_path)
+    write_json_atomic(result_path, JOBS[spec["job"]](spec), indent=1)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,17 @@ Writes report.md and its charts (loss_curves.png, accuracy.png, speed_memory.png
 """
 import argparse
 import json
-import shutil
 import statistics
 import sys
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-import yaml
-
 from medtune.evaluation.tasks import BENCHMARKS, HELDOUT
-from medtune.errors import UserError, report_user_errors
+from medtune.errors import UserError, parse_options, report_user_errors
 from medtune.families import FAMILIES
+from medtune.fileio import atomic_dir, read_jsonl
+from medtune.runfolder import FOR_REPORT, open_run
 
 ROLES = (("finetuned", "fine-tuned"), ("base", "base"))
 REPORT_FILES = {"report.md", "loss_curves.png", "accuracy.png", "speed_memory.png"}
@@ -53,20 +52,10 @@ class Run:
 
 
 def load_run(path):
-    run_dir = Path(path)
-    if not (run_dir / "run_info.json").is_file():
-        found = ", ".join(sorted(p.name for p in run_dir.iterdir())[:12]) if run_dir.is_dir() else None
-        raise UserError(f"{path} is not a finished training run: it has no run_info.json "
-                        f"({'found: ' + found if found else 'the folder does not exist'}). Pass run folders written "
-                        "by scripts/train_phi.py and scripts/train_mistral.py, e.g. checkpoints/phi3-medical.")
-    info = json.loads((run_dir / "run_info.json").read_text())
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
-        if metrics_path.is_file() else []
-    summary_path = run_dir / "eval" / "summary.json"
+    run = open_run(path, FOR_REPORT)
+    summary_path = run.path / "eval" / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    return Run(run_dir, info, metrics, summary, bool(config.get("smoke")))
+    return Run(run.path, run.info, run.metrics(), summary, run.smoke)
 
 
 def answer_stats(run, role):
@@ -74,8 +63,7 @@ def answer_stats(run, role):
     rows = []
     for key, entry in ((run.summary or {}).get("results", {}).get(role) or {}).items():
         if key.endswith("-generate"):
-            path = run.dir / "eval" / entry["file"]
-            rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows += read_jsonl(run.dir / "eval" / entry["file"])
     if not rows:
         return None
     n = len(rows)
@@ -256,9 +244,7 @@ def parse_args(argv):
     p.add_argument("runs", nargs=2, metavar="RUN",
                    help="two run folders, e.g. checkpoints/phi3-medical checkpoints/mistral-medical")
     p.add_argument("--out", help="report folder (default: reports/<run1>-vs-<run2>)")
-    args, unknown = p.parse_known_args(argv)
-    if unknown:
-        raise UserError(f"Unknown option(s): {' '.join(unknown)}. Run with --help to list every option.")
+    args = parse_options(p, argv)
     return args
 
 
@@ -273,16 +259,8 @@ def compare(args):
             print(f"warning: {run.dir} has no eval/summary.json; its benchmark rows say 'not evaluated'. Run "
                   f"`python scripts/evaluate.py {run.dir} --compare-base --mode generate,loglik` first.",
                   file=sys.stderr)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out, replace=True) as tmp:  # an earlier report (checked above) is replaced whole
         (tmp / "report.md").write_text(build(runs, tmp))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)  # an earlier report (checked above) is replaced whole
-    tmp.rename(out)
     print(f"Wrote {out}/:")
     for path in sorted(out.iterdir()):
         print(f"  {path.name:18s} {'the report (GitHub markdown)' if path.suffix == '.md' else 'chart'}")

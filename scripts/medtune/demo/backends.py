@@ -1,7 +1,6 @@
 """Models behind the demo: a GGUF through llama.cpp, merged safetensors through transformers, or a
 LoRA run folder through Unsloth (GPU) or PEFT (CPU). Each streams text pieces for a chat."""
 import codecs
-import json
 import os
 import queue
 import threading
@@ -10,8 +9,10 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+from medtune.config import default_system_prompt
 from medtune.errors import UserError
 from medtune.families import FAMILIES
+from medtune.runfolder import FOR_MODEL, FOR_PROMPT, RUN_INFO, open_run, run_of
 
 BACKENDS = ("auto", "gguf", "transformers", "unsloth")
 UPDATES_PER_S = 12  # streamed UI updates: smooth to read, cheap to render
@@ -58,6 +59,7 @@ class Backend:
     name: str  # shown in the UI
     kind: str
     context: int
+    system_prompt: str  # the one the model was trained with: where the demo starts
 
     def __init__(self):
         self.lock = threading.Lock()  # one generation at a time per model: llama.cpp contexts aren't shared
@@ -151,11 +153,9 @@ class GGUFBackend(Backend):
         """Tokens straight from llama.cpp's sampler, their bytes decoded as they complete.
 
         Not create_completion(stream=True): it re-decodes all tokens not yet sent after each new one
-        and sends nothing while they are not valid UTF-8, so one stray byte token (a small or random
-        model writes them) makes every later token cost more (33 s instead of 0.5 s for 512 tokens)
-        and holds the whole answer back. An incremental decoder holds back at most the 3 bytes of an
-        unfinished character and drops bytes that can never be one, as create_completion's final
-        text does.
+        while they are not valid UTF-8, so one stray byte token (a small or random model writes them)
+        makes every later token cost more (33 s instead of 0.5 s for 512 tokens). An incremental decoder
+        holds back at most an unfinished character and drops bytes that can never be one.
         """
         prompt = self.prompt_ids(messages)  # token ids: the template already holds BOS
         decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
@@ -184,7 +184,7 @@ class TransformersBackend(Backend):
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.family = FAMILIES[family]
         self.context = getattr(model.config, "max_position_embeddings", 4096)
-        self.stop_ids = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(self.family.end_of_turn)})
+        self.stop_ids = self.family.stop_ids(tokenizer)
 
     @classmethod
     def from_folder(cls, path):
@@ -240,29 +240,41 @@ def run_folder_backend(run_dir):
     """A LoRA run folder without export: Unsloth on a GPU, transformers + PEFT on a CPU."""
     import torch
 
-    info = json.loads((run_dir / "run_info.json").read_text())
+    run = open_run(run_dir, FOR_MODEL)
     if torch.cuda.is_available():
         from unsloth import FastLanguageModel
 
-        model, tokenizer = FastLanguageModel.from_pretrained(str(run_dir), load_in_4bit=True)
+        model, tokenizer = FastLanguageModel.from_pretrained(str(run.path), load_in_4bit=True)
         FastLanguageModel.for_inference(model)
     else:
-        import yaml
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from medtune.export.cli import base_source
+        base = AutoModelForCausalLM.from_pretrained(run.base_source(), dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, run.path)
+        tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
+    tokenizer.chat_template = run.chat_template()
+    return TransformersBackend(model, tokenizer, f"{run.name} (LoRA)", run.info["family"])
 
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-        base = AutoModelForCausalLM.from_pretrained(base_source(info, cfg), dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, run_dir)
-        tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    tokenizer.chat_template = (run_dir / "chat_template.jinja").read_text()
-    return TransformersBackend(model, tokenizer, f"{run_dir.name} (LoRA)", info["family"])
+
+def trained_system_prompt(path):
+    """The system prompt the model at `path` was trained with: its run folder's, for a run or anything
+    exported from one; the repository's for a model from elsewhere."""
+    p = Path(path)
+    run_dir = p if p.is_dir() and (p / RUN_INFO).is_file() else run_of(p)
+    return open_run(run_dir, FOR_PROMPT).system_prompt() if run_dir else default_system_prompt()
 
 
 def load(path, backend="auto", n_ctx=4096):
-    """The backend for a run folder, an export folder, a merged model folder or a .gguf file."""
+    """The backend for a run folder, an export folder, a merged model folder or a .gguf file, with the
+    system prompt its model was trained with."""
+    system_prompt = trained_system_prompt(path)  # a damaged run folder stops the demo before any loading
+    model = _load_model(path, backend, n_ctx)
+    model.system_prompt = system_prompt
+    return model
+
+
+def _load_model(path, backend, n_ctx):
     p = Path(path)
     if not p.exists():
         raise UserError(f"There is nothing at {path}. Pass a run folder (checkpoints/NAME), its export folder, "

@@ -12,10 +12,9 @@ import errno
 import socket
 import sys
 
-from medtune.demo.backends import BACKENDS, Settings, Stats, load
-from medtune.config import REPO_ROOT
 from medtune import noise
-from medtune.errors import UserError, report_user_errors
+from medtune.demo.backends import BACKENDS, Settings, Stats, load
+from medtune.errors import UserError, parse_options, report_user_errors
 
 MAX_QUESTION_CHARS = 4000
 DISCLAIMER = ("**Research demo, not medical advice.** Answers come from a small fine-tuned language model and "
@@ -88,78 +87,67 @@ def check_question(question, backend, settings):
                        f"the model's {backend.context:,}-token context. Shorten the question or lower max new tokens.")
 
 
-def build(backends, system_prompt, defaults):
+def respond(backend, question, history, system, max_new, temperature, top_p, penalty):
+    """Stream one answer into the chat: (messages shown, stats line) as it grows."""
     import gradio as gr
 
-    primary = backends[0]
-
-    def respond(backend, question, history, system, max_new, temperature, top_p, penalty):
-        question = (question or "").strip()
-        if not question:
-            gr.Warning("Type a question first.")
-            yield history, ""
-            return
-        settings = Settings(int(max_new), float(temperature), float(top_p), float(penalty))
-        check_question(question, backend, settings)
-        messages = model_messages(system, history, question)
-        history = [*history, {"role": "user", "content": question}]
-        stats, text = Stats(), ""
-        for piece in backend.stream(messages, settings, stats):
-            text += piece
-            yield history + assistant_messages(text, done=False), f"{backend.name} · generating …"
-        yield history + assistant_messages(text, done=True), f"**{backend.name}** ({backend.kind}) · {stats}"
-
-    def ask(question, system, max_new, temperature, top_p, penalty):
-        """One question, the whole answer: the API endpoint (gradio_client)."""
-        history, _ = [], None
-        for history, _ in respond(primary, question, [], system, max_new, temperature, top_p, penalty):
-            pass
-        return "\n\n".join(message_text(m) if not m.get("metadata") else f"<think>\n{message_text(m)}\n</think>"
-                           for m in history[1:])
-
-    with gr.Blocks(title="medtune demo") as demo:
-        names = " vs ".join(f"{b.name} ({b.kind})" for b in backends)
-        gr.Markdown(f"# Medical reasoning demo\nModel: **{names}**\n\n{DISCLAIMER}")
-        with gr.Accordion("System prompt and generation settings", open=False):
-            system = gr.Textbox(system_prompt, label="System prompt", lines=3)
-            with gr.Row():
-                max_new = gr.Slider(16, 2048, defaults.max_new_tokens, step=16, label="Max new tokens")
-                temperature = gr.Slider(0.0, 1.5, defaults.temperature, step=0.05, label="Temperature (0 = greedy)")
-                top_p = gr.Slider(0.05, 1.0, defaults.top_p, step=0.05, label="Top-p")
-                penalty = gr.Slider(1.0, 1.5, defaults.repetition_penalty, step=0.01, label="Repetition penalty")
-        settings = [system, max_new, temperature, top_p, penalty]
-        with gr.Tab("Chat"):
-            chat = gr.Chatbot(label=primary.name, height=480, elem_id="chat", group_consecutive_messages=False)
-            stats = gr.Markdown(elem_id="chat-stats")
-            with gr.Row():
-                question = gr.Textbox(placeholder="Describe the clinical case and ask your question …", show_label=False,
-                                      scale=8, elem_id="question", max_lines=8)
-                send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-                stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
-            gr.Examples(EXAMPLES, inputs=question)
-            clear = gr.Button("New conversation", size="sm")
-
-            def chat_fn(q, h, *s):
-                yield from respond(primary, q, h, *s)
-
-            events = []
-            for trigger, name in ((send.click, "chat"), (question.submit, False)):
-                event = trigger(chat_fn, [question, chat, *settings], [chat, stats], concurrency_id="model-0",
-                                api_name=name)
-                event.then(lambda: "", None, question, api_name=False)
-                events.append(event)
-            stop.click(None, None, None, cancels=events, api_name=False)
-            clear.click(lambda: ([], ""), None, [chat, stats], api_name=False)
-        if len(backends) > 1:
-            with gr.Tab("Compare"):
-                compare_tab(gr, backends, respond, settings)
-        gr.Button(visible=False).click(ask, [question, *settings], gr.Textbox(visible=False), api_name="ask",
-                                       concurrency_id="model-0")
-    return demo
+    question = (question or "").strip()
+    if not question:
+        gr.Warning("Type a question first.")
+        yield history, ""
+        return
+    settings = Settings(int(max_new), float(temperature), float(top_p), float(penalty))
+    check_question(question, backend, settings)
+    messages = model_messages(system, history, question)
+    history = [*history, {"role": "user", "content": question}]
+    stats, text = Stats(), ""
+    for piece in backend.stream(messages, settings, stats):
+        text += piece
+        yield history + assistant_messages(text, done=False), f"{backend.name} · generating …"
+    yield history + assistant_messages(text, done=True), f"**{backend.name}** ({backend.kind}) · {stats}"
 
 
-def compare_tab(gr, backends, respond, settings):
-    """One question, both models side by side; the question box, Ask both and Stop above the panels."""
+def ask(backend, question, system, max_new, temperature, top_p, penalty):
+    """One question, the whole answer: the API endpoint (gradio_client)."""
+    history = []
+    for history, _ in respond(backend, question, [], system, max_new, temperature, top_p, penalty):
+        pass
+    return "\n\n".join(message_text(m) if not m.get("metadata") else f"<think>\n{message_text(m)}\n</think>"
+                       for m in history[1:])
+
+
+def chat_tab(backend, settings):
+    """The chat with the first model; returns its question box (the API's input too)."""
+    import gradio as gr
+
+    chat = gr.Chatbot(label=backend.name, height=480, elem_id="chat", group_consecutive_messages=False)
+    stats = gr.Markdown(elem_id="chat-stats")
+    with gr.Row():
+        question = gr.Textbox(placeholder="Describe the clinical case and ask your question …", show_label=False,
+                              scale=8, elem_id="question", max_lines=8)
+        send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+        stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
+    gr.Examples(EXAMPLES, inputs=question)
+    clear = gr.Button("New conversation", size="sm")
+
+    def chat_fn(q, h, *s):
+        yield from respond(backend, q, h, *s)
+
+    events = []
+    for trigger, name in ((send.click, "chat"), (question.submit, False)):
+        event = trigger(chat_fn, [question, chat, *settings], [chat, stats], concurrency_id="model-0", api_name=name)
+        event.then(lambda: "", None, question, api_name=False)
+        events.append(event)
+    stop.click(None, None, None, cancels=events, api_name=False)
+    clear.click(lambda: ([], ""), None, [chat, stats], api_name=False)
+    return question
+
+
+def compare_tab(backends, generation):
+    """Both models answer one question side by side, each with the system prompt it was trained with;
+    the question box, Ask both and Stop above the panels, Enter sends."""
+    import gradio as gr
+
     with gr.Row():
         question = gr.Textbox(placeholder="One question for both models …", show_label=False, scale=8,
                               elem_id="compare-question", max_lines=8)
@@ -171,16 +159,47 @@ def compare_tab(gr, backends, respond, settings):
             with gr.Column():
                 columns.append((gr.Chatbot(label=f"{b.name} ({b.kind})", height=480, group_consecutive_messages=False,
                                            elem_id=f"compare-{i}"),
-                                gr.Markdown(elem_id=f"compare-stats-{i}")))
+                                gr.Markdown(elem_id=f"compare-stats-{i}"),
+                                gr.Textbox(b.system_prompt, label=f"System prompt of {b.name}", lines=2,
+                                           elem_id=f"compare-system-{i}")))
     events = []
-    for i, (b, (box, note)) in enumerate(zip(backends, columns)):
+    for i, (b, (box, note, system)) in enumerate(zip(backends, columns)):
         def one(q, *s, backend=b):
             yield from respond(backend, q, [], *s)
 
         for trigger in (send.click, question.submit):
-            events.append(trigger(one, [question, *settings], [box, note], concurrency_id=f"model-{i}",
+            events.append(trigger(one, [question, system, *generation], [box, note], concurrency_id=f"model-{i}",
                                   api_name=False))
     stop.click(None, None, None, cancels=events, api_name=False)
+
+
+def build(backends, defaults):
+    import gradio as gr
+
+    primary = backends[0]
+    with gr.Blocks(title="medtune demo") as demo:
+        names = " vs ".join(f"{b.name} ({b.kind})" for b in backends)
+        gr.Markdown(f"# Medical reasoning demo\nModel: **{names}**\n\n{DISCLAIMER}")
+        with gr.Accordion("System prompt and generation settings", open=False):
+            system = gr.Textbox(primary.system_prompt, label=f"System prompt of {primary.name}", lines=3,
+                                elem_id="system-prompt")
+            with gr.Row():
+                generation = [
+                    gr.Slider(16, 2048, defaults.max_new_tokens, step=16, label="Max new tokens"),
+                    gr.Slider(0.0, 1.5, defaults.temperature, step=0.05, label="Temperature (0 = greedy)"),
+                    gr.Slider(0.05, 1.0, defaults.top_p, step=0.05, label="Top-p"),
+                    gr.Slider(1.0, 1.5, defaults.repetition_penalty, step=0.01, label="Repetition penalty")]
+        with gr.Tab("Chat"):
+            question = chat_tab(primary, [system, *generation])
+        if len(backends) > 1:
+            with gr.Tab("Compare"):
+                compare_tab(backends, generation)
+        def ask_primary(question, system, max_new, temperature, top_p, penalty):
+            return ask(primary, question, system, max_new, temperature, top_p, penalty)
+
+        gr.Button(visible=False).click(ask_primary, [question, system, *generation],
+                                       gr.Textbox(visible=False), api_name="ask", concurrency_id="model-0")
+    return demo
 
 
 def parse_args(argv):
@@ -201,9 +220,7 @@ def parse_args(argv):
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait before new ones are refused")
     p.add_argument("--verbose", action="store_true",
                    help="show other libraries' warnings and Gradio's own start-up lines instead of keeping them in the log")
-    args, unknown = p.parse_known_args(argv)
-    if unknown:
-        raise UserError(f"Unknown option(s): {' '.join(unknown)}. Run with --help to list every option.")
+    args = parse_options(p, argv)
     if args.auth and ":" not in args.auth:
         raise UserError("--auth takes USER:PASS, e.g. --auth clinician:s3cret.")
     if not 0 < args.port < 65536:
@@ -234,8 +251,7 @@ def main(argv=None):
     backends = [load(args.model, args.backend, args.n_ctx)]
     if args.compare:
         backends.append(load(args.compare, "auto", args.n_ctx))
-    system_prompt = (REPO_ROOT / "prompts" / "system_prompt.txt").read_text().strip()
-    demo = build(backends, system_prompt, Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature))
+    demo = build(backends, Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature))
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     try:

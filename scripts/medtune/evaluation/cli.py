@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medtune.evaluation.tasks import BENCHMARKS, HELDOUT, VALID, heldout_rows, load_items, parse_names
-from medtune.errors import UserError, report_user_errors
+from medtune.errors import UserError, parse_options, report_user_errors
+from medtune.fileio import write_json_atomic
 
 MODES = ("generate", "loglik")
 DEFAULT_SEED = 1234
@@ -51,8 +52,8 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, default=1024,
                    help="generate mode: most tokens of reasoning and answer; a response cut off inside <think> counts "
                         "as unparseable (default 1024)")
-    args, unknown = p.parse_known_args(argv)
-    problems = [f"Unknown option(s): {' '.join(unknown)}; run with --help to list every option."] if unknown else []
+    problems = []
+    args = parse_options(p, argv, problems)
     args.modes = list(dict.fromkeys(m.strip() for m in args.mode.split(",") if m.strip()))
     if not args.modes or any(m not in MODES for m in args.modes):
         problems.append(f"--mode {args.mode!r} is not one of generate, loglik (or both: generate,loglik).")
@@ -165,7 +166,6 @@ def evaluate(args):
 
     from medtune.evaluation import models as em
     from medtune.evaluation.runs import RUNNERS
-    from medtune.train.trainer import write_text
 
     source, tokenizer, data, out, summary, tasks = plan(args)
     system = em.system_prompt(source)
@@ -187,7 +187,7 @@ def evaluate(args):
             summary["results"].setdefault(role, {})[task.key] = {
                 **entry, "file": str(task.path.relative_to(out)), **task.setup,
                 **({} if task.mode == "loss" else {"limit": args.limit, "seed": args.seed})}
-            write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+            write_json_atomic(out / "summary.json", summary)
             written.append(task.path)
         del model, context  # the next role's model takes its place in memory
     print_table(summary, tasks)

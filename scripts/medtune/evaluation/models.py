@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from medtune.config import REPO_ROOT, resolve_path
+from medtune.config import default_system_prompt, resolve_path
 from medtune.errors import UserError
 from medtune.families import FAMILIES
+from medtune.runfolder import ADAPTER, CHAT_TEMPLATE, EXPORT, FOR_MODEL, SYSTEM_PROMPT, open_run
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Source:
         wherever its folder has moved since."""
         if self.run_dir:
             digest = hashlib.sha256()
-            with (self.run_dir / "adapter_model.safetensors").open("rb") as f:
+            with (self.run_dir / ADAPTER).open("rb") as f:
                 for block in iter(lambda: f.read(2**20), b""):
                     digest.update(block)
             return f"{'export of ' if self.kind == 'export' else ''}adapter sha256:{digest.hexdigest()[:16]}"
@@ -49,13 +50,11 @@ class Source:
 
 
 def _run_source(spec, run_dir, kind, weights=None):
-    from medtune.export.cli import base_source, check_run_folder
-
-    run_dir, info, cfg = check_run_folder(run_dir)
-    base = base_source(info, cfg)
+    run = open_run(run_dir, FOR_MODEL)
+    base = run.base_source()
     if kind == "run":
-        return Source(spec, "run", base, run_dir, run_dir, info, cfg, base, run_dir / "eval")
-    return Source(spec, "export", str(weights), None, run_dir, info, cfg, base, run_dir / "export" / "eval")
+        return Source(spec, "run", base, run.path, run.path, run.info, run.config, base, run.path / "eval")
+    return Source(spec, "export", str(weights), None, run.path, run.info, run.config, base, run.path / EXPORT / "eval")
 
 
 def _hub_source(spec):
@@ -106,7 +105,7 @@ def load_tokenizer(source):
         raise UserError(f"Can't load the tokenizer of {source.spec} ({e}). Check the id or folder and the "
                         "network.") from None
     if source.kind == "run":
-        tokenizer.chat_template = (source.run_dir / "chat_template.jinja").read_text()
+        tokenizer.chat_template = (source.run_dir / CHAT_TEMPLATE).read_text()
     if not tokenizer.chat_template:
         raise UserError(f"{source.spec} has no chat template, so its prompts can't be rendered as the model expects. "
                         "Evaluate the run folder it came from, or add a chat_template.jinja (or the chat_template key "
@@ -117,11 +116,10 @@ def load_tokenizer(source):
 
 
 def system_prompt(source):
-    path = source.run_dir / "system_prompt.txt" if source.run_dir else REPO_ROOT / "prompts" / "system_prompt.txt"
-    return path.read_text().strip()
+    return (source.run_dir / SYSTEM_PROMPT).read_text().strip() if source.run_dir else default_system_prompt()
 
 
-def render(tokenizer, system, user, answer_prefix=None):
+def prompt_text(tokenizer, system, user, answer_prefix=None):
     """The prompt text up to the assistant turn, or into it up to `answer_prefix` (loglik mode).
 
     A template that refuses a system turn (Mistral's own on the Hub) gets the system prompt folded
@@ -180,9 +178,7 @@ def models(source, compare_base):
 
 def stop_ids(model, tokenizer, source):
     """Token ids that end an answer: EOS, the family's end-of-turn token, the model's own EOS ids."""
-    ids = {tokenizer.eos_token_id}
-    if source.family:
-        ids.add(tokenizer.convert_tokens_to_ids(source.family.end_of_turn))
+    ids = set(source.family.stop_ids(tokenizer)) if source.family else {tokenizer.eos_token_id}
     configured = model.generation_config.eos_token_id
     ids.update(configured if isinstance(configured, list) else [configured])
     return sorted(i for i in ids if i is not None)

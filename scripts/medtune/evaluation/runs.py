@@ -38,11 +38,11 @@ def _progress(task, total):
 
 
 def run_generate(task, items, model, tokenizer, system, stop, args, **_):
-    from medtune.evaluation.models import render
+    from medtune.evaluation.models import prompt_text
 
     bench = BENCHMARKS[task.name]
     pending = [it for it in items if it.id not in task.done]
-    prompts = [render(tokenizer, system, user_message(it, bench, "generate")) for it in pending]
+    prompts = [prompt_text(tokenizer, system, user_message(it, bench, "generate")) for it in pending]
     with task.path.open("a") as f, _progress(task, len(pending)) as bar:
         for batch in generate(model, tokenizer, prompts, stop, args.max_new_tokens, args.batch_size):
             for i, text, n_tokens in batch:
@@ -73,11 +73,11 @@ def run_generate(task, items, model, tokenizer, system, stop, args, **_):
 
 
 def run_loglik(task, items, model, tokenizer, system, args, **_):
-    from medtune.evaluation.models import render
+    from medtune.evaluation.models import prompt_text
 
     bench = BENCHMARKS[task.name]
     pending = [it for it in items if it.id not in task.done]
-    contexts = [render(tokenizer, system, user_message(it, bench, "loglik"), ANSWER_PREFIX) for it in pending]
+    contexts = [prompt_text(tokenizer, system, user_message(it, bench, "loglik"), ANSWER_PREFIX) for it in pending]
     requests, owner = [], []  # one request per option; owner[r] = (item index, option index)
     for i, (item, context) in enumerate(zip(pending, contexts)):
         for k, label in enumerate(item.labels):
@@ -111,7 +111,7 @@ def run_loglik(task, items, model, tokenizer, system, args, **_):
 
 
 def run_loss(task, rows, model, tokenizer, system, source, args, **_):
-    from medtune.train.data import assistant_labels, render, to_examples
+    from medtune.train.data import assistant_labels, conversation_texts, to_examples
     from medtune.errors import UserError
 
     examples = to_examples(rows, task.setup["data"])
@@ -119,7 +119,7 @@ def run_loss(task, rows, model, tokenizer, system, source, args, **_):
     max_len = source.config["max_seq_length"]
     kept, pending, encoded = [], [], []
     for index, example in enumerate(examples):
-        prompt, full = render(tokenizer, example, system)
+        prompt, full = conversation_texts(tokenizer, example, system)
         ids = tokenizer(full, add_special_tokens=False)["input_ids"]
         if len(ids) > max_len:
             continue  # longer than the run's --max-seq-length: training left it out of its eval loss too

@@ -10,7 +10,6 @@ bundled samples and mapped to one item format. The only place where benchmark co
 `data/eval/<name>_sample.jsonl` holds a few items written for this project in each benchmark's own
 columns (`--offline`); `--data NAME=FILE` reads a local file of the same columns.
 """
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from medtune.config import REPO_ROOT, resolve_path
 from medtune.train.data import LOCAL_SUFFIXES, read_local
 from medtune.errors import UserError
+from medtune.fileio import read_jsonl
 
 LETTERS = ("A", "B", "C", "D")
 DECISIONS = ("yes", "no", "maybe")
@@ -193,7 +193,7 @@ def user_message(item, bench, mode):
 def heldout_rows(run_dir):
     """The run's held-out rows (Question, Complex_CoT, Response) as written by training."""
     path = run_dir / "heldout.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = read_jsonl(path, missing_ok=True)
     if not rows:
         raise UserError(f"{run_dir} has no held-out rows ({path.name} is missing or empty: the run was trained with "
                         "--eval-samples 0). Drop heldout from --benchmarks.")

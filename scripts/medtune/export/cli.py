@@ -13,17 +13,11 @@ import re
 import shutil
 import sys
 import time
-from pathlib import Path
-
-import yaml
 
 from medtune import noise
-from medtune.errors import UserError, report_user_errors
+from medtune.errors import UserError, parse_options, report_user_errors
 from medtune.export import workdir
-from medtune.families import FAMILIES
-
-RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "run_info.json",
-             "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "system_prompt.txt")
+from medtune.runfolder import EXPORT, FOR_EXPORT, open_run
 
 
 def parse_args(argv):
@@ -45,9 +39,7 @@ def parse_args(argv):
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     p.add_argument("--verbose", action="store_true",
                    help="show llama.cpp's and other libraries' output instead of keeping it in the log file")
-    args, unknown = p.parse_known_args(argv)
-    if unknown:
-        raise UserError(f"Unknown option(s): {' '.join(unknown)}. Run with --help to list every option.")
+    args = parse_options(p, argv)
     quants = [q.strip().lower() for q in args.quant.split(",") if q.strip()]
     bad = [q for q in quants if q not in QUANT_TYPES]
     if bad or not quants:
@@ -56,35 +48,6 @@ def parse_args(argv):
     args.quants = list(dict.fromkeys(quants))
     check_push_args(args)
     return args
-
-
-def check_run_folder(path):
-    run_dir = Path(path)
-    if not run_dir.is_dir():
-        raise UserError(f"There is no run folder at {path}. Pass the folder a training run wrote, e.g. "
-                        "checkpoints/phi3-smoke (train with: python scripts/train_phi.py --smoke).")
-    missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
-    if missing:
-        found = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir())) or "nothing"
-        hint = (" It holds trainer checkpoints but no final adapter: the run did not finish; resume it with "
-                "--resume." if "adapter_model.safetensors" in missing and any(run_dir.glob("checkpoint-*")) else "")
-        raise UserError(f"{path} is not a finished run folder: {', '.join(missing)} missing (found: {found}).{hint}")
-    info = json.loads((run_dir / "run_info.json").read_text())
-    if info.get("family") not in FAMILIES:
-        raise UserError(f"{run_dir / 'run_info.json'} names no known model family ({info.get('family')!r}).")
-    return run_dir, info, yaml.safe_load((run_dir / "config.yaml").read_text())
-
-
-def base_source(info, cfg):
-    """The base model the adapter was trained on; a smoke run's tiny base is rebuilt if it moved."""
-    from medtune.config import resolve_path
-
-    source = info["base_model"]
-    if cfg.get("smoke") and not resolve_path(source).exists():
-        from medtune.train.modeling import tiny_model_dir
-
-        return str(tiny_model_dir(FAMILIES[info["family"]]))  # seeded: the same weights
-    return source
 
 
 def count_parameters(base_dir):
@@ -139,108 +102,54 @@ class Stages:
 def write_generation_config(merged_dir, tokenizer, family):
     from transformers import GenerationConfig
 
-    stop = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(family.end_of_turn)})
-    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=stop,
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=family.stop_ids(tokenizer),
                      pad_token_id=tokenizer.pad_token_id).save_pretrained(merged_dir)
 
 
-def export(args, fail_after=None):
-    """Everything but the CLI wrapper. `fail_after` (a stage name) lets tests interrupt an export."""
-    import torch
-
+def export(args):
+    """Everything but the CLI wrapper."""
     from medtune.export import gguf as gguf_export
-    from medtune.export import merge
-    from medtune.export import modelfile
-    from medtune.export.verify import sample_answer, verify
+    from medtune.export import merge, modelfile
+    from medtune.export.verify import sample_answer
 
-    run_dir, info, cfg = check_run_folder(args.run)
-    workdir.clean_up_killed_exports(run_dir)
-    family = FAMILIES[info["family"]]
-    system_prompt = (run_dir / "system_prompt.txt").read_text().strip()
-    if problem := modelfile.quoting_problem(system_prompt):  # a run trained before training checked this
-        raise UserError(f"The run's system prompt ({run_dir / 'system_prompt.txt'}) can't go into an Ollama "
+    run = open_run(args.run, FOR_EXPORT)
+    workdir.clean_up_killed_exports(run.path)
+    if problem := modelfile.quoting_problem(run.system_prompt()):  # a run trained before training checked this
+        raise UserError(f"The run's system prompt ({run.path / 'system_prompt.txt'}) can't go into an Ollama "
                         f"Modelfile: {problem}. Edit that file, then export again.")
-    final = run_dir / "export"
+    final = run.path / EXPORT
     if final.exists() and not args.overwrite:
         raise UserError(f"{final} already exists. Add --overwrite to replace it.")
     gguf_export.llama_cpp_sources()
     gguf_export.llama_cpp_module()
-    source = base_source(info, cfg)
+    source = run.base_source()
     base_dir, _ = merge.base_files(source)
     n_params = count_parameters(base_dir)
-    check_disk(run_dir, n_params, args.quants)
+    check_disk(run.path, n_params, args.quants)
 
-    run_name = run_dir.name
-    tmp = run_dir / f".export-tmp-{os.getpid()}"
+    tmp = run.path / f".export-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     stages = Stages()
     try:
-        merged = tmp / "merged"
-        merged.mkdir()
-        dtype = getattr(torch, args.merged_dtype)
-        stages.run("merge", merge.merge, run_dir, source, merged, dtype)
-        merge.copy_tokenizer(run_dir, merged)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(merged)
-        write_generation_config(merged, tokenizer, family)
-        _maybe_fail(fail_after, "merge")
-
-        # llama.cpp applies Phi-3's whitespace rules to models whose name says phi-3 (src/llama-vocab.cpp)
-        model_name = f"{'Phi-3' if family.name == 'phi3' else 'Mistral'} {run_name}"
-        ggufs = {q: tmp / f"{run_name}-{q}.gguf" for q in args.quants}
-        f16 = ggufs.get("f16", tmp / f"{run_name}-f16.intermediate.gguf")
-        stages.run("gguf f16", gguf_export.convert, merged, f16, "f16", model_name)
-        _maybe_fail(fail_after, "gguf f16")
-        for q in args.quants:
-            if q in ("bf16", "q8_0"):
-                stages.run(f"gguf {q}", gguf_export.convert, merged, ggufs[q], q, model_name)
-            elif q != "f16":
-                stages.run(f"quantize {q}", noise.quietly(gguf_export.quantize), f16, ggufs[q], q)
-        ollama_from = ggufs.get("q4_k_m") or min(ggufs.values(), key=lambda p: p.stat().st_size)
-        (tmp / "Modelfile").write_text(modelfile.modelfile(family, ollama_from.name, system_prompt))
-
-        checks = []
-        if args.verify:
-            checks = stages.run("verify", verify, run_dir, source, merged, f16, ggufs, family, tokenizer,
-                                system_prompt)
-        if "f16" not in args.quants:
-            f16.unlink()
-            for c in checks:  # the table names what is kept
-                c["file"] = c["file"].replace(f16.name, "f16 GGUF (intermediate, not kept)")
+        tokenizer, ollama_from, checks = write_files(run, args, source, tmp, stages)
         report = {
-            "run": str(run_dir), "family": family.name, "base_model": source, "parameters": n_params,
+            "run": str(run.path), "family": run.family.name, "base_model": source, "parameters": n_params,
             "merged_dtype": args.merged_dtype, "stage_seconds": stages.times,
             "files": {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()},
             "checks": checks, "passed": all(c["ok"] for c in checks),
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if not report["passed"]:
-            kept = run_dir / "export.unverified"
-            shutil.rmtree(kept, ignore_errors=True)
-            tmp.rename(kept)
-            print_checks(checks)
-            failed = ", ".join(f"{c['file']}: {c['check']}" for c in checks if not c["ok"])
-            raise UserError(f"Verification failed ({failed}): these files do not compute the fine-tuned model "
-                            f"within tolerance (numbers in the table above). They are kept for inspection in {kept}, "
-                            f"not in {final}; export again with --no-verify to accept them anyway.")
-        if final.exists():
-            old = run_dir / f".export-old-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
+        publish(run, tmp, final, report)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report["files"] = {f"export/{k}": v for k, v in report["files"].items()}
     print_report(final, report)
     ollama_file = final / ollama_from.name
-    answer = sample_answer(ollama_file, tokenizer, family, system_prompt, run_dir)
+    answer = sample_answer(ollama_file, tokenizer, run.family, run.system_prompt(), run.path)
     print(f"\nOne answer from {ollama_file} through llama.cpp (greedy, 64 tokens"
-          f"{'; a smoke run is a random-weight model, so expect gibberish' if cfg.get('smoke') else ''}):\n"
+          f"{'; a smoke run is a random-weight model, so expect gibberish' if run.smoke else ''}):\n"
           f"{answer}\n")
     if args.push_to_hub:
         stages.run("push", push, final, args)
@@ -249,9 +158,68 @@ def export(args, fail_after=None):
         print(noise.where())
     return final, report
 
-def _maybe_fail(fail_after, stage):
-    if fail_after == stage:
-        raise RuntimeError(f"injected failure after {stage}")
+
+def write_files(run, args, source, tmp, stages):
+    """The merged model, the GGUF files, the Modelfile and (unless --no-verify) the checks, into `tmp`.
+    Returns the merged model's tokenizer, the GGUF the Modelfile names and the checks."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from medtune.export import gguf as gguf_export
+    from medtune.export import merge
+    from medtune.export import modelfile
+    from medtune.export.verify import verify
+
+    family, run_name = run.family, run.name
+    merged = tmp / "merged"
+    merged.mkdir()
+    stages.run("merge", merge.merge, run.path, source, merged, getattr(torch, args.merged_dtype))
+    merge.copy_tokenizer(run.path, merged)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    write_generation_config(merged, tokenizer, family)
+
+    # llama.cpp applies Phi-3's whitespace rules to models whose name says phi-3 (src/llama-vocab.cpp)
+    model_name = f"{'Phi-3' if family.name == 'phi3' else 'Mistral'} {run_name}"
+    ggufs = {q: tmp / f"{run_name}-{q}.gguf" for q in args.quants}
+    f16 = ggufs.get("f16", tmp / f"{run_name}-f16.intermediate.gguf")
+    stages.run("gguf f16", gguf_export.convert, merged, f16, "f16", model_name)
+    for q in args.quants:
+        if q in ("bf16", "q8_0"):
+            stages.run(f"gguf {q}", gguf_export.convert, merged, ggufs[q], q, model_name)
+        elif q != "f16":
+            stages.run(f"quantize {q}", noise.quietly(gguf_export.quantize), f16, ggufs[q], q)
+    system_prompt = run.system_prompt()
+    ollama_from = ggufs.get("q4_k_m") or min(ggufs.values(), key=lambda p: p.stat().st_size)
+    (tmp / "Modelfile").write_text(modelfile.modelfile(family, ollama_from.name, system_prompt))
+    checks = []
+    if args.verify:
+        checks = stages.run("verify", verify, run.path, source, merged, f16, ggufs, family, tokenizer, system_prompt)
+    if "f16" not in args.quants:
+        f16.unlink()
+        for c in checks:  # the table names what is kept
+            c["file"] = c["file"].replace(f16.name, "f16 GGUF (intermediate, not kept)")
+    return tokenizer, ollama_from, checks
+
+
+def publish(run, tmp, final, report):
+    """Rename the finished `tmp` to export/ (replacing an earlier one), or, when a check failed, to
+    export.unverified/ with an error."""
+    if not report["passed"]:
+        kept = run.path / "export.unverified"
+        shutil.rmtree(kept, ignore_errors=True)
+        tmp.rename(kept)
+        print_checks(report["checks"])
+        failed = ", ".join(f"{c['file']}: {c['check']}" for c in report["checks"] if not c["ok"])
+        raise UserError(f"Verification failed ({failed}): these files do not compute the fine-tuned model "
+                        f"within tolerance (numbers in the table above). They are kept for inspection in {kept}, "
+                        f"not in {final}; export again with --no-verify to accept them anyway.")
+    if final.exists():
+        old = run.path / f".export-old-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
 
 
 def print_checks(checks):

@@ -19,10 +19,10 @@ the logit standard deviation), top-1 agreement over all positions and the greedy
 reported beside it. A random-weight model of full depth amplifies quantization noise layer by layer
 (measured on full-size random Mistral-7B: q8_0 still 1.00, q4_k_m 0.06), so its 4-bit files fail.
 """
-import json
-
 import numpy as np
 import torch
+
+from medtune.fileio import read_jsonl
 
 LOGIT_TOL = {"merged vs adapter-on-base": 1e-2, "f16 GGUF vs merged": 2e-2}
 DECISIVE_MIN = {"bf16": 0.99, "q8_0": 0.98, "q6_k": 0.95, "q5_k_m": 0.9, "q5_0": 0.9, "q4_k_m": 0.85, "q4_0": 0.8}
@@ -33,16 +33,16 @@ GREEDY_TOKENS = 16
 def prompts(run_dir, tokenizer, system_prompt):
     """Medical prompts rendered with the run's chat template: held-out questions, and one whole
     conversation (answer and end-of-turn token included) so the answer format is covered too."""
-    from medtune.train.data import Example, render
+    from medtune.train.data import Example, conversation_texts
 
-    rows = [json.loads(line) for line in (run_dir / "heldout.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_jsonl(run_dir / "heldout.jsonl")
     if not rows:
         from medtune.config import REPO_ROOT
 
-        rows = [json.loads(line) for line in (REPO_ROOT / "data/medical_reasoning_sample.jsonl").open()][:3]
+        rows = read_jsonl(REPO_ROOT / "data/medical_reasoning_sample.jsonl")[:3]
     examples = [Example(r["Question"], r["Complex_CoT"], r["Response"]) for r in rows[:3]]
-    texts = [render(tokenizer, ex, system_prompt)[0] for ex in examples[:2]]
-    texts.append(render(tokenizer, examples[-1], system_prompt)[1])
+    texts = [conversation_texts(tokenizer, ex, system_prompt)[0] for ex in examples[:2]]
+    texts.append(conversation_texts(tokenizer, examples[-1], system_prompt)[1])
     return [(t, tokenizer(t, add_special_tokens=False)["input_ids"][:MAX_PROMPT_TOKENS]) for t in texts]
 
 
@@ -90,7 +90,7 @@ def verify(run_dir, source, merged_dir, f16_path, ggufs, family, tokenizer, syst
     cases = prompts(run_dir, tokenizer, system_prompt)
     merged = load_reference(merged_dir)
     reference = [hf_logits(merged, ids) for _, ids in cases]
-    stop_ids = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(family.end_of_turn)})
+    stop_ids = family.stop_ids(tokenizer)
     greedy_ref = hf_greedy(merged, cases[0][1], GREEDY_TOKENS, stop_ids)
     checks = []
 
@@ -142,14 +142,14 @@ def verify(run_dir, source, merged_dir, f16_path, ggufs, family, tokenizer, syst
 def sample_answer(gguf_path, tokenizer, family, system_prompt, run_dir, max_tokens=64):
     from medtune.export.gguf import gguf_greedy, load_gguf
 
-    heldout = (run_dir / "heldout.jsonl").read_text().splitlines()
-    question = json.loads(heldout[0])["Question"] if heldout else "What is the first-line treatment of anaphylaxis?"
+    heldout = read_jsonl(run_dir / "heldout.jsonl")
+    question = heldout[0]["Question"] if heldout else "What is the first-line treatment of anaphylaxis?"
     messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     llm = load_gguf(gguf_path, n_ctx=1024)
     try:
         ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
-        stop_ids = (llm.token_eos(), tokenizer.convert_tokens_to_ids(family.end_of_turn))
+        stop_ids = family.stop_ids(tokenizer, eos_id=llm.token_eos())
         out = gguf_greedy(llm, ids, max_tokens, stop_ids)
         return f"Q: {question}\nA: {llm.detokenize(out).decode('utf-8', errors='replace').strip()}"
     finally:

@@ -200,7 +200,7 @@ def messages(example, system_prompt):
             {"role": "assistant", "content": example.assistant_text()}]
 
 
-def render(tokenizer, example, system_prompt):
+def conversation_texts(tokenizer, example, system_prompt):
     """(prompt text up to the assistant turn, full text): the training text is the full one."""
     msgs = messages(example, system_prompt)
     prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
@@ -247,7 +247,7 @@ def split_examples(examples, cfg):
 def tokenize_examples(examples, tokenizer, family, cfg, system_prompt):
     """Token rows ({input_ids, labels}) that fit --max-seq-length, and counts for the report."""
     eot_id = tokenizer.convert_tokens_to_ids(family.end_of_turn)
-    prompts, fulls = zip(*(render(tokenizer, ex, system_prompt) for ex in examples)) if examples else ((), ())
+    prompts, fulls = zip(*(conversation_texts(tokenizer, ex, system_prompt) for ex in examples)) if examples else ((), ())
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if examples else []
     full_ids = tokenizer(list(fulls), add_special_tokens=False)["input_ids"] if examples else []
     rows, too_long, truncated = [], 0, 0

@@ -15,6 +15,7 @@ from unsloth import FastLanguageModel
 from medtune import distributed
 from medtune.config import resolve_path
 from medtune.errors import UserError
+from medtune.fileio import atomic_dir
 from medtune.families import linear_names, resolve_lora_targets
 from medtune.offline_tokenizers import cache_dir, tokenizer_dir
 
@@ -81,21 +82,18 @@ def build_random_model(family, out, sizes, device="cpu", dtype=torch.float32):
     """Save a random-weight model of the family's architecture (seeded) with its real tokenizer to `out`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     src = tokenizer_dir(family.name)
     tokenizer = AutoTokenizer.from_pretrained(src)
     config = AutoConfig.for_model(family.model_type, **sizes)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    stop_ids = sorted({config.eos_token_id, tokenizer.convert_tokens_to_ids(family.end_of_turn)})
+    stop_ids = family.stop_ids(tokenizer, eos_id=config.eos_token_id)
     model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=stop_ids)
-    model.save_pretrained(tmp)
-    for f in src.iterdir():
-        shutil.copy2(f, tmp / f.name)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_dir(out, replace=True) as tmp:
+        model.save_pretrained(tmp)
+        for f in src.iterdir():
+            shutil.copy2(f, tmp / f.name)
     return out
 
 

@@ -108,10 +108,6 @@ def describe_data(train_stats, eval_stats, cfg):
             f"{train_stats['mean_tokens']} tokens per row.")
 
 
-def read_metrics(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def plot_losses(records, png_path, title):
     import matplotlib
 

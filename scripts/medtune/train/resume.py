@@ -7,6 +7,7 @@ import yaml
 from medtune import distributed
 from medtune.config import RESUMABLE_CHANGES, TrainConfig, effective_batch
 from medtune.errors import UserError
+from medtune.runfolder import CONFIG, checkpoints
 
 
 def check_run_dir_path(run_dir):
@@ -19,14 +20,14 @@ def check_run_dir_path(run_dir):
 
 
 def newest_checkpoint(run_dir):
-    found = [p for p in run_dir.glob("checkpoint-*")
+    found = [p for p in checkpoints(run_dir)
              if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
     return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def resume_config(run_dir, cfg, given):
     """The saved config of the run, with the few options that may change on resume taken from cfg."""
-    saved_path = run_dir / "config.yaml"
+    saved_path = run_dir / CONFIG
     if not saved_path.is_file():
         raise UserError(f"{run_dir} has no config.yaml, so it is not a run folder this tool wrote and can't be "
                         "resumed. Start a new run with another --run-name, or replace it with --overwrite.")
