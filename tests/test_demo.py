@@ -366,7 +366,7 @@ def test_compare_tab_enter_stop_and_layout(random_server, browser):
     page.locator("#compare-stop").click()
     started = time.perf_counter()
     assert client(url).predict("Fever. What now?", SETTINGS[0], 16, 0.0, 1.0, 1.0, api_name="/ask")
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 2.0  # the browser's click reaches the server first; CPU check below
     server = psutil.Process(proc.pid)
     server.cpu_percent()
     time.sleep(2)
