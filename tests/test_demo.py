@@ -337,6 +337,7 @@ def test_stop_ends_the_generation_and_the_next_question_is_served_at_once(random
     """A cancelled /chat (what Stop sends) ends llama.cpp's 2048-token generation, so the next request is
     answered within a second instead of waiting for it."""
     c = client(random_server[1])
+    idle = timed_answer(c)  # what the next question takes on an idle server (a loaded 2-core VM: up to ~1 s)
     job = c.submit(STRAY_BYTES_QUESTION, [], SETTINGS[0], 2048, 0.0, 1.0, 1.0, api_name="/chat")
     deadline = time.time() + 120
     while len(job.outputs()) < 3:  # streaming
@@ -344,10 +345,15 @@ def test_stop_ends_the_generation_and_the_next_question_is_served_at_once(random
         time.sleep(0.05)
     assert not job.done()
     job.cancel()
+    waited = timed_answer(c)
+    assert waited - idle < 1.0, f"the next question was answered after {waited:.1f} s ({idle:.1f} s when idle)"
+
+
+def timed_answer(c):
+    """Seconds until /ask answers a 16-token question."""
     started = time.perf_counter()
-    answer = c.predict("Fever and neck stiffness. What now?", SETTINGS[0], 16, 0.0, 1.0, 1.0, api_name="/ask")
-    waited = time.perf_counter() - started
-    assert answer and waited < 1.0, f"the next question was answered after {waited:.1f} s"
+    assert c.predict("Fever and neck stiffness. What now?", SETTINGS[0], 16, 0.0, 1.0, 1.0, api_name="/ask")
+    return time.perf_counter() - started
 
 
 def test_compare_tab_enter_stop_and_layout(random_server, browser):
@@ -355,6 +361,7 @@ def test_compare_tab_enter_stop_and_layout(random_server, browser):
     proc, url = random_server
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     page.goto(url)
+    idle = timed_answer(client(url))
     page.get_by_role("tab", name="Compare").click()
     send, panel = page.locator("#compare-send").bounding_box(), page.locator("#compare-0").bounding_box()
     assert send["y"] + send["height"] <= panel["y"] and send["y"] < 900  # in view, above the 480 px panels
@@ -364,9 +371,7 @@ def test_compare_tab_enter_stop_and_layout(random_server, browser):
     for i in (0, 1):
         page.locator(f"#compare-{i} [data-testid=bot]").first.wait_for(timeout=120_000)  # both stream
     page.locator("#compare-stop").click()
-    started = time.perf_counter()
-    assert client(url).predict("Fever. What now?", SETTINGS[0], 16, 0.0, 1.0, 1.0, api_name="/ask")
-    assert time.perf_counter() - started < 2.0  # the browser's click reaches the server first; CPU check below
+    assert timed_answer(client(url)) - idle < 1.5  # the click travels through the browser first
     server = psutil.Process(proc.pid)
     server.cpu_percent()
     time.sleep(2)
