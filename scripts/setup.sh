@@ -66,7 +66,8 @@ else
 fi
 if [ $dev = 1 ]; then
   say "Installing test tools"
-  pip install -q -r requirements-dev.txt
+  pip install -q -r <(grep -v '^lm_eval' requirements-dev.txt)
+  pip install -q --no-deps $(grep '^lm_eval' requirements-dev.txt)  # why: requirements-dev.txt
   if [ ! -x /usr/bin/chromium ]; then
     say "Installing Debian's chromium (apt) for the demo's browser tests"
     apt_install chromium

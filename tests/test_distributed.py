@@ -27,11 +27,12 @@ class Launch:
     """One torchrun launch: its exit status, the launcher's own output, and each rank's stdout/stderr.
     With interrupt_at, Ctrl-C (SIGINT to the launcher and its workers) once rank 0 has logged that step."""
 
-    def __init__(self, root, name, *args, interrupt_at=None):
+    def __init__(self, root, name, *args, interrupt_at=None, script=("scripts/train_phi.py",), ok=True):
         logs = root / f"logs-{name}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "--log-dir", str(logs), "--redirects", "3", "scripts/train_phi.py", "--smoke",
+               "--log-dir", str(logs), "--redirects", "3", *map(str, script), "--smoke",
                "--output-dir", str(root / "runs"), *map(str, args)]
+        started = time.monotonic()
         p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
         if interrupt_at:
@@ -42,12 +43,13 @@ class Launch:
             os.killpg(p.pid, signal.SIGINT)
         self.launcher = p.communicate(timeout=600)[0]
         self.returncode = p.returncode
+        self.seconds = time.monotonic() - started
         self.out, self.err = {}, {}
         for rank in (0, 1):
             [folder] = logs.glob(f"*/attempt_0/{rank}")
             self.out[rank] = (folder / "stdout.log").read_text()
             self.err[rank] = (folder / "stderr.log").read_text()
-        if not interrupt_at:
+        if ok and not interrupt_at:
             assert self.returncode == 0, self.launcher[-3000:] + self.err[0][-3000:] + self.err[1][-3000:]
 
 
@@ -206,3 +208,38 @@ def test_accelerate_launch_runs_the_same_checks(ddp):
     assert r.returncode != 0 and out.count("error: The run folder") == 1
     # The launcher reports the failed ranks (with its own traceback); nothing of ours raised one.
     assert re.search(r"exitcode\s*:\s*2 ", out) and not re.search(r'File ".*(scripts|medtune)/', out)
+
+
+FAULTY = "tests/helpers/faulty_rank.py"
+
+
+@pytest.mark.distributed
+def test_a_stalled_rank_stops_every_rank_with_where_each_waits(root):
+    """Rank 1 sleeps before step 2; rank 0 waits for its gradients. Neither may wait forever."""
+    hung = Launch(root, "stall", "--run-name", "stall", "--save-steps", 100, "--hang-timeout", 20,
+                  script=(FAULTY, "stall", 1, 2), ok=False)
+    assert hung.returncode != 0 and hung.seconds < 300
+    for rank in (0, 1):
+        err = hung.err[rank]
+        assert err.count("error: rank") == 1 and "within --hang-timeout 20 s" in err, err[-3000:]
+        assert "Nothing was kept. Every process exits. Where this process waits" in err
+        assert "most recent call first" in err and "Traceback" not in err
+    # Rank 1's stack names the line it is stuck on; rank 0's shows it inside training, not idle.
+    assert re.search(r'File ".*faulty_rank.py", line \d+ in on_step_begin', hung.err[1]), hung.err[1][-3000:]
+    assert "training_step" in hung.err[0] or "backward" in hung.err[0], hung.err[0][-3000:]
+    assert not (root / "runs" / "stall").exists()  # a fresh run folder with no checkpoint is not left behind
+
+
+@pytest.mark.distributed
+def test_a_rank_that_fails_stops_every_rank_with_one_message(root):
+    """Rank 1 runs out of memory at step 2 while rank 0 waits for its gradients."""
+    failed = Launch(root, "oom", "--run-name", "oom", "--save-steps", 100, script=(FAULTY, "oom", 1, 2), ok=False)
+    assert failed.returncode != 0 and failed.seconds < 300
+    message = " ".join(failed.err[1].split())
+    assert message.count("error:") == 1 and "rank 1 of 2: CUDA ran out of memory" in message
+    assert "Nothing was kept." in message and "Traceback" not in failed.err[1]
+    assert "error:" not in failed.err[0] and "Traceback" not in failed.err[0], failed.err[0][-3000:]
+    # The launcher names rank 1 as the first failure, with our exit status for a user-facing error.
+    root_cause = failed.launcher[failed.launcher.index("Root Cause"):]
+    assert re.search(r"rank\s*:\s*1 .*\n.*exitcode\s*:\s*2 ", root_cause), failed.launcher[-2000:]
+    assert not (root / "runs" / "oom").exists()

@@ -217,3 +217,27 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "scripts/evaluate.py", str(tmp_path / "nowhere"), "--offline"], cwd=REPO,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "no run folder or model folder" in r.stderr
+
+
+@pytest.mark.slow
+def test_static_engine_gives_the_same_answers_and_both_report_throughput(evaluated, tmp_path, capsys):
+    """The default engine (continuous batching) against the earlier one (model.generate in static
+    batches): token-identical outputs on the tiny models, for the adapter and for the base."""
+    run = evaluated("phi3")
+    out, summary = evaluate(run, "--offline", "--mode", "generate", "--compare-base", "--limit", "6",
+                            "--max-new-tokens", "8", "--engine", "static", "--batch-size", "4", "--out", tmp_path)
+    assert "Estimated time: at most" in capsys.readouterr().out
+    for folder in (".", "base"):
+        for name in BENCHMARKS:
+            static = {r["id"]: (r["output"], r["output_tokens"]) for r in rows(tmp_path / folder / f"{name}-generate.jsonl")}
+            default = {r["id"]: (r["output"], r["output_tokens"])
+                       for r in rows(run / "eval" / folder / f"{name}-generate.jsonl")}
+            assert static == default
+    engines = {json.loads((run / "eval" / "summary.json").read_text())["results"]["finetuned"]["medqa-generate"]["engine"],
+               summary["results"]["finetuned"]["medqa-generate"]["engine"]}
+    assert engines == {"continuous", "static"}
+    for role in ("finetuned", "base"):
+        entry = summary["results"][role]["pubmedqa-generate"]
+        assert entry["generated_tokens"] == sum(r["output_tokens"] for r in rows(
+            tmp_path / ("base" if role == "base" else ".") / "pubmedqa-generate.jsonl"))
+        assert entry["tokens_per_second"] > 0 and entry["weights"] == "float32"

@@ -168,3 +168,43 @@ def test_quickstart_command_runs_on_cpu(tmp_path):
     assert "training on CPU" in out  # no GPU: a warning and Unsloth's CPU path, not a failure
     assert "step 12/12 | loss" in out and "Done: 12 steps" in out
     assert f"Wrote {tmp_path / 'mistral-smoke'}/:" in out
+
+
+GIB = 2**30
+
+
+def test_auto_checkpointing_keeps_activations_only_where_they_fit():
+    from medtune.train.memory import HEADROOM, MARGIN, activation_bytes, choose_checkpointing
+
+    phi3, mistral = (FAMILY_SPECS[f].full_config for f in ("phi3", "mistral"))
+    need = activation_bytes(phi3, 8 * 2048)  # the defaults' worst step: 8 rows of 2048 tokens
+    assert 50 * GIB < need < 60 * GIB
+    assert activation_bytes(mistral, 8 * 2048) > need and activation_bytes(phi3, 2048) == need / 8
+    # An H200 with a 4-bit model loaded (~134 GiB free) keeps them; a T4 (or the 15 GB cap) recomputes.
+    choice, line = choose_checkpointing("auto", need, 134 * GIB)
+    assert choice == "false" and "none" in line and f"{need / GIB:.1f} GiB" in line and "134.0 GiB" in line
+    assert choose_checkpointing("auto", activation_bytes(mistral, 8 * 2048), 134 * GIB)[0] == "false"
+    assert choose_checkpointing("auto", need, 13 * GIB)[0] == "unsloth"
+    assert choose_checkpointing("auto", need, 74 * GIB)[0] == "false"  # an 80 GB H100: Phi-3 fits...
+    assert choose_checkpointing("auto", activation_bytes(mistral, 8 * 2048), 74 * GIB)[0] == "unsloth"  # ...Mistral not
+    edge = int(need * MARGIN + HEADROOM)
+    assert choose_checkpointing("auto", need, edge + 1)[0] == "false"
+    assert choose_checkpointing("auto", need, edge - 1)[0] == "unsloth"
+    assert choose_checkpointing("auto", need, None)[0] == "unsloth"  # no GPU to measure: the old default
+    for asked in ("unsloth", "true", "false"):
+        choice, line = choose_checkpointing(asked, need, 1)
+        assert choice == asked and "as asked" in line
+    with pytest.raises(ValueError):
+        choose_checkpointing("sometimes", need, 1)
+
+
+def test_gradient_checkpointing_option_lists_its_choices():
+    from medtune.config import parse_config, validate
+
+    cfg, _ = parse_config([], "phi3", "t", "t")
+    assert cfg.gradient_checkpointing == "auto" and cfg.hang_timeout == 600
+    assert parse_config(["--gradient-checkpointing", "false"], "phi3", "t", "t")[0].gradient_checkpointing == "false"
+    with pytest.raises(UserError, match="--gradient-checkpointing must be one of auto, unsloth, true, false"):
+        validate(TrainConfig(gradient_checkpointing="maybe"))  # from a --config YAML file
+    with pytest.raises(UserError, match="--hang-timeout must be at least 1"):
+        parse_config(["--hang-timeout", "0"], "phi3", "t", "t")

@@ -52,8 +52,8 @@ class TrainConfig:
     truncate: bool = _f(False, "Cut rows longer than --max-seq-length instead of dropping them.")
     system_prompt_file: str = _f(DEFAULT_SYSTEM_PROMPT_FILE, "File with the system prompt used in every example.")
     # training
-    # 8 x 1 rather than the notebooks' 2 x 4: the same 8 sequences per optimizer step, ~2x the tokens/s on
-    # an H100 (larger matmuls), within a T4's 15 GB at 2048 tokens (BENCHMARKS.md).
+    # 8 x 1 rather than the notebooks' 2 x 4: the same 8 sequences per optimizer step, 2.5x the tokens/s
+    # on an H200 (larger matmuls), within a T4's 15 GB at 2048 tokens (BENCHMARKS.md).
     batch_size: int = _f(8, "Sequences per device per step (lower it and raise --grad-accum if memory runs out).")
     grad_accum: int = _f(1, "Gradient accumulation steps (effective batch = batch_size x grad_accum).")
     learning_rate: float = _f(2e-4, "Peak learning rate.")
@@ -70,6 +70,13 @@ class TrainConfig:
     save_steps: int = _f(100, "Write a resumable trainer checkpoint every N steps.")
     save_total_limit: int = _f(3, "Keep at most N trainer checkpoints.")
     packing: bool = _f(False, "Pack several examples into each sequence (TRL best-fit packing; masks stay per example).")
+    gradient_checkpointing: str = _f(
+        "auto", "Recompute activations in the backward pass to save memory. auto = none where a step's activations "
+                "(batch x --max-seq-length, estimated from the model's shape) fit the GPU's free memory, else unsloth "
+                "(Unsloth's checkpointing, activations offloaded to the CPU; what a 15 GB T4 needs); true = plain "
+                "recomputation; false = none.", choices=("auto", "unsloth", "true", "false"))
+    hang_timeout: int = _f(600, "Seconds without a finished optimizer step (the first one, which compiles, included) "
+                                "after which every process stops with an error showing where each one waits.")
     seed: int = _f(3407, "Seed for LoRA init, data split, shuffling and dropout.")
     report_to: str = _f("none", "Where the trainer also logs: none, tensorboard, wandb ...")
     # run
@@ -89,7 +96,7 @@ SMOKE_DEFAULTS = dict(
 )
 # Options that may differ from the saved config when resuming: they don't change what was trained so far.
 RESUMABLE_CHANGES = {"max_steps", "epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                     "report_to", "resume", "overwrite", "verbose"}
+                     "report_to", "resume", "overwrite", "gradient_checkpointing", "hang_timeout", "verbose"}
 NOT_SAVED = {"resume", "overwrite", "verbose"}
 
 
@@ -211,7 +218,7 @@ def parse_config(argv, family, prog, description):
 def validate(cfg):
     problems = []
     positive = ["max_seq_length", "lora_r", "lora_alpha", "batch_size", "grad_accum", "logging_steps",
-                "eval_steps", "save_steps", "save_total_limit"]
+                "eval_steps", "save_steps", "save_total_limit", "hang_timeout"]
     for name in positive:
         if getattr(cfg, name) < 1:
             problems.append(f"{_flag(name)} must be at least 1, got {getattr(cfg, name)}.")

@@ -85,3 +85,66 @@ def finish():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# One rank that stops with an error tells the others through the launcher's key-value store, so that
+# they stop at once rather than wait for its part of the next all-reduce until the 30-minute timeout.
+# Each then waits (briefly) until every rank has said its piece: the launcher kills the rest as soon as
+# one process exits, and a killed rank 0 could not remove a fresh run folder.
+STOPPED_KEY = "medtune/stopped"
+CLEANED_KEY = "medtune/cleaned"
+REPORTED_KEY = "medtune/reported"
+GRACE_S = 10
+
+
+def _store():
+    import torch.distributed as dist
+
+    if world_size() == 1 or not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.distributed_c10d._get_default_store()
+
+
+def tell_others_stopped(reason):
+    """Say in the store that this rank stops (reason: one line); a rank other than 0 then gives rank 0
+    time to clean up the run folder. At exit, this process waits for the others' reports."""
+    import atexit
+
+    store = _store()
+    if store is None:
+        return
+    store.set(STOPPED_KEY, f"rank {rank()}: {reason}")
+    atexit.register(reported)
+    if not is_main():
+        try:
+            store.wait([CLEANED_KEY], timedelta(seconds=GRACE_S))
+        except Exception:  # rank 0 is gone or stuck: the launcher ends it
+            pass
+
+
+def stopped_elsewhere():
+    """The reason another rank gave for stopping, or None."""
+    store = _store()
+    if store is None or not store.check([STOPPED_KEY]):
+        return None
+    return store.get(STOPPED_KEY).decode()
+
+
+def say_cleaned():
+    store = _store()
+    if store is not None:
+        store.set(CLEANED_KEY, "1")
+
+
+def reported():
+    """This rank has printed what it had to say: wait up to GRACE_S seconds for every rank to have."""
+    import time
+
+    store = _store()
+    if store is None:
+        return
+    deadline = time.monotonic() + GRACE_S
+    count = store.add(REPORTED_KEY, 1)
+    while count < world_size() and time.monotonic() < deadline:
+        time.sleep(0.1)
+        count = store.add(REPORTED_KEY, 0)

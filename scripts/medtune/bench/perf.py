@@ -13,7 +13,6 @@ The length distribution (tokens per rendered example, system prompt and chat tem
   question's share in our sample.
 Pass --lengths-from DATASET to draw from the real tokenized dataset instead.
 """
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -105,3 +104,49 @@ def steady_state(steps, warmup):
         return None
     return {"tokens_per_s": (n1 - n0) / (t1 - t0), "s_per_step": (t1 - t0) / (s1 - s0),
             "steps_measured": f"{s0 + 1}-{s1}"}
+
+
+def hardware_flops_per_token(n_params, recomputed):
+    """FLOPs the GPU does per token: gradient checkpointing runs the forward (2N) a second time."""
+    return model_flops_per_token(n_params) + (2 * n_params if recomputed else 0)
+
+
+def recomputes(checkpointing):
+    """Whether a run's gradient checkpointing ("unsloth", "true", "false" or None) recomputes the forward."""
+    return checkpointing not in ("false", None)
+
+
+# Where a step's GPU time goes, by kernel name (lower case; the first bucket that matches wins).
+PROFILE_BUCKETS = [
+    ("4-bit dequantization", ("dequant",)),
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("loss", ("cross_entropy", "crossentropy", "logsumexp", "nll_loss")),
+    ("optimizer", ("adam", "optimizer", "multi_tensor_apply", "foreach")),
+    ("copies between GPU and host", ("memcpy htod", "memcpy dtoh", "memcpy_htod", "memcpy_dtoh")),
+    ("communication", ("nccl", "allreduce", "all_reduce")),
+    ("matmuls", ("gemm", "cutlass", "nvjet", "xmma", "matmul", "cublas", "sm90", "sm80")),
+    ("fused elementwise (Triton)", ("triton",)),
+]
+
+
+def profile_buckets(kernels):
+    """{"buckets": {name: ms}, "device_ms": total, "top": [[kernel, ms], ...]} from [(kernel name, device
+    microseconds)] of one profiled step."""
+    buckets = {name: 0.0 for name, _ in PROFILE_BUCKETS}
+    buckets["other"] = 0.0
+    for name, us in kernels:
+        low = name.lower()
+        bucket = next((b for b, keys in PROFILE_BUCKETS if any(k in low for k in keys)), "other")
+        buckets[bucket] += us / 1e3
+    top = sorted(kernels, key=lambda k: -k[1])[:10]
+    return {"buckets": {k: round(v, 2) for k, v in buckets.items()},
+            "device_ms": round(sum(us for _, us in kernels) / 1e3, 2),
+            "top": [[name[:100], round(us / 1e3, 2)] for name, us in top]}
+
+
+def loss_difference(losses, reference, steps=20):
+    """Largest relative difference of the first `steps` logged losses from the reference run's; None
+    when either run logged fewer."""
+    if not losses or not reference or min(len(losses), len(reference)) < steps:
+        return None
+    return max(abs(a - b) / abs(b) for a, b in zip(losses[:steps], reference[:steps]))

@@ -1,9 +1,15 @@
-"""The benchmark's report: tables, targets and BENCHMARKS.md, from benchmark.json's content."""
-from medtune.bench.perf import mfu
+"""The benchmark's report: tables, targets and BENCHMARKS.md, from benchmark.json's content.
 
-LABELS = {"ours": "(a) this project, defaults", "baseline": "(b) transformers + PEFT QLoRA",
-          "notebook": "(c) Unsloth notebook config"}
-TARGETS = {"speed_vs_baseline": 2.5, "speed_vs_notebook": 1.2, "reserved_vs_baseline": 0.45, "mfu": 0.30}
+    python scripts/benchmark.py --report-only --out checkpoints/benchmark   # rewrite BENCHMARKS.md
+"""
+from medtune.bench.perf import hardware_flops_per_token, loss_difference, model_flops_per_token, recomputes
+
+LABELS = {"ours": "(a) this project, defaults", "notebook": "(b) Unsloth notebook config, this project's batch",
+          "baseline": "(c) transformers + PEFT QLoRA, this project's batch",
+          "notebook_2x4": "reference: Unsloth notebook config as published"}
+TARGETS = {"speed_vs_notebook": 1.4, "speed_vs_baseline": 5.0, "mfu": 0.45, "loss_difference": 0.01,
+           "capped_vs_notebook": 0.97, "scale": 1.85}
+CHECKPOINTING = {"false": "none", "unsloth": "Unsloth (offloaded)", "true": "recompute", None: "n/a"}
 
 
 def measured(run):
@@ -11,39 +17,85 @@ def measured(run):
     return bool(run and "error" not in run and run.get("tokens_per_s"))
 
 
-def _mfu(entry, run, report):
-    rate = (entry.get("matmul") or report.get("matmul") or {}).get("flops_per_s")
-    return mfu(entry["params"], run["tokens_per_s"], rate) if rate and measured(run) else None
+def _rate(entry, report):
+    return (entry.get("matmul") or report.get("matmul") or {}).get("flops_per_s")
+
+
+def mfus(entry, run, report):
+    """(MFU counting 4N model FLOPs per token, MFU counting what the GPU does: 6N where checkpointing
+    recomputes the forward); Nones when not measured."""
+    rate = _rate(entry, report)
+    if not (rate and measured(run)):
+        return None, None
+    model = model_flops_per_token(entry["params"]) * run["tokens_per_s"] / rate
+    hardware = hardware_flops_per_token(entry["params"], recomputes(run.get("gradient_checkpointing")))
+    return model, hardware * run["tokens_per_s"] / rate
 
 
 def _fmt(v, spec, unit=""):
     return "n/a" if v is None else f"{format(v, spec)}{unit}"
 
 
+HEADER = ("| configuration | batch | checkpointing | trained tokens/s | s/step | peak allocated GiB | peak reserved GiB "
+          "| MFU (4N) | MFU (hardware) | LoRA trainable params |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+
+
 def run_row(name, entry, run, report):
     if not measured(run):
-        return f"| {name} | failed: see {run.get('log', 'the log') if run else 'the log'} | | | | | | |"
-    return (f"| {name} | {run['tokens_per_s']:,.0f} | {run['s_per_step']:.2f} | {_fmt(run['peak_allocated_gib'], '.2f')} | "
-            f"{_fmt(run['peak_reserved_gib'], '.2f')} | {_fmt(_mfu(entry, run, report), '.1%')} | "
-            f"{run['trainable_params']:,} ({run['lora_modules']} modules) | {run['batch_size']} x {run['grad_accum']}"
-            f"{', padding-free' if run.get('padding_free') else ', padded'} |")
+        return f"| {name} | failed: see {run.get('log', 'the log') if run else 'the log'} | | | | | | | | |"
+    m4, mhw = mfus(entry, run, report)
+    layout = "padding-free" if run.get("padding_free") else ("packed" if run.get("packing") else "padded")
+    return (f"| {name} | {run['batch_size']} x {run['grad_accum']}, {layout} | "
+            f"{CHECKPOINTING.get(run.get('gradient_checkpointing'), run.get('gradient_checkpointing'))} | "
+            f"{run['tokens_per_s']:,.0f} | {run['s_per_step']:.2f} | {_fmt(run['peak_allocated_gib'], '.2f')} | "
+            f"{_fmt(run['peak_reserved_gib'], '.2f')} | {_fmt(m4, '.1%')} | {_fmt(mhw, '.1%')} | "
+            f"{run['trainable_params']:,} ({run['lora_modules']} modules) |")
 
 
-HEADER = ("| configuration | trained tokens/s | s/step | peak allocated GiB | peak reserved GiB | MFU | "
-          "LoRA trainable params | batch |\n|---|---:|---:|---:|---:|---:|---:|---|")
+def _speed(a, b):
+    return a["tokens_per_s"] / b["tokens_per_s"] if measured(a) and measured(b) else None
 
 
 def ratios(entry):
     runs = entry.get("runs", {})
-    ours, base, nb = (runs.get(k) for k in ("ours", "baseline", "notebook"))
-    out = {}
-    if measured(ours) and measured(base):
-        out["speed_vs_baseline"] = ours["tokens_per_s"] / base["tokens_per_s"]
-        if ours["peak_reserved_gib"] and base["peak_reserved_gib"]:
-            out["reserved_vs_baseline"] = ours["peak_reserved_gib"] / base["peak_reserved_gib"]
-    if measured(ours) and measured(nb):
-        out["speed_vs_notebook"] = ours["tokens_per_s"] / nb["tokens_per_s"]
-    return out
+    tuning = {t["change"]: t for t in entry.get("tuning") or []}
+    # The loss check's reference: this project's path with Unsloth's checkpointing (the previous default)
+    # where that lever was run, else (b), the same training (rows, seed, LoRA, optimizer, schedule) through
+    # the notebooks' code with Unsloth's checkpointing.
+    unsloth_gc = next((t for t in tuning.values() if t.get("overrides") == {"gradient_checkpointing": "unsloth"}), None)
+    capped = entry.get("capped") or {}
+    out = {"speed_vs_notebook": _speed(runs.get("ours"), runs.get("notebook")),
+           "speed_vs_baseline": _speed(runs.get("ours"), runs.get("baseline")),
+           "speed_vs_notebook_as_published": _speed(runs.get("ours"), runs.get("notebook_2x4")),
+           "loss_difference": loss_difference((runs.get("ours") or {}).get("losses"),
+                                              (unsloth_gc or runs.get("notebook") or {}).get("losses")),
+           "capped_vs_notebook": _speed(capped.get("ours"), capped.get("notebook")),
+           "scale": _speed((entry.get("scale") or {}).get("run"), runs.get("ours"))}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def where_gains_come_from(entry):
+    """One sentence: what differs between (a) and each configuration at the same batch."""
+    runs = entry.get("runs", {})
+    ours, nb, base = (runs.get(k) for k in ("ours", "notebook", "baseline"))
+    if not measured(ours):
+        return ""
+    parts = []
+    if measured(nb):
+        parts.append(f"against (b) the only difference is gradient checkpointing ({CHECKPOINTING[ours.get('gradient_checkpointing')]} "
+                     f"against {CHECKPOINTING[nb.get('gradient_checkpointing')]}), chosen from the GPU's free memory")
+    if measured(base):
+        parts.append("against (c) Unsloth's kernels and padding-free batches (the baseline pads each batch to its "
+                     "longest row and recomputes with Hugging Face checkpointing) add to that")
+    return ("Where the gains come from, at the same batch, rows, length and LoRA: " + "; ".join(parts) + ".") if parts else ""
+
+
+TARGET_CHECKS = [("speed vs notebook config at equal batch", "speed_vs_notebook", ">=", "x"),
+                 ("speed vs transformers + PEFT at equal batch", "speed_vs_baseline", ">=", "x"),
+                 ("first 20 losses vs the same training with Unsloth's checkpointing, largest difference",
+                  "loss_difference", "<=", "%"),
+                 ("under the 15 GB cap, speed vs notebook config", "capped_vs_notebook", ">=", "x"),
+                 ("speed-up on more GPUs", "scale", ">=", "x")]
 
 
 def check_targets(report):
@@ -51,19 +103,17 @@ def check_targets(report):
     lines = []
     for family, entry in report.get("models", {}).items():
         r = ratios(entry)
-        ours = entry.get("runs", {}).get("ours")
-        m = _mfu(entry, ours, report) if ours else None
-        checks = [("speed vs baseline", r.get("speed_vs_baseline"), ">=", TARGETS["speed_vs_baseline"], "x"),
-                  ("speed vs notebook config", r.get("speed_vs_notebook"), ">=", TARGETS["speed_vs_notebook"], "x"),
-                  ("peak reserved vs baseline", r.get("reserved_vs_baseline"), "<=", TARGETS["reserved_vs_baseline"], "x"),
-                  ("MFU", m, ">=", TARGETS["mfu"], "")]
-        for name, value, op, target, unit in checks:
+        r["mfu"] = mfus(entry, entry.get("runs", {}).get("ours"), report)[0]
+        for name, key, op, unit in TARGET_CHECKS[:2] + [("MFU (4N)", "mfu", ">=", "%")] + TARGET_CHECKS[2:]:
+            value, target = r.get(key), TARGETS[key]
             if value is None:
-                lines.append(f"{family}: {name}: not measured")
+                if key != "scale":
+                    lines.append(f"{family}: {name}: not measured")
                 continue
             met = value >= target if op == ">=" else value <= target
-            shown = f"{value:.1%}" if name == "MFU" else f"{value:.2f}{unit}"
-            lines.append(f"{family}: {name} {shown} (target {op} {target:g}{unit}): {'met' if met else 'NOT met'}")
+            digits = ".2%" if key == "loss_difference" else ".1%"
+            shown, goal = ((format(value, digits), f"{target:.0%}") if unit == "%" else (f"{value:.2f}x", f"{target:g}x"))
+            lines.append(f"{family}: {name} {shown} (target {op} {goal}): {'met' if met else 'NOT met'}")
         trainable = [run.get("trainable_params") for run in entry.get("runs", {}).values() if measured(run)]
         if len(set(trainable)) > 1:
             lines.append(f"{family}: LoRA trainable parameters differ between configurations: {trainable}: NOT comparable")
@@ -84,38 +134,80 @@ def summary_table(report):
 
 
 def tuning_table(entry, report):
-    tuning = entry.get("tuning") or []
-    if not tuning:
-        return ""
-    base = tuning[0] if measured(tuning[0]) else None
-    lines = ["| change (each run of this project's path) | trained tokens/s | vs previous default | s/step | "
-             "peak reserved GiB | MFU |", "|---|---:|---:|---:|---:|---:|"]
-    for t in tuning:
+    base = entry.get("runs", {}).get("ours")
+    rows = [("defaults: " + CHECKPOINTING.get((base or {}).get("gradient_checkpointing"), "?") + " checkpointing (auto)", base)]
+    rows += [(t["change"], t) for t in entry.get("tuning") or []]
+    lines = ["| change (each a run of this project's path) | trained tokens/s | vs defaults | s/step | peak reserved GiB | "
+             "MFU (4N) | MFU (hardware) | first 20 losses vs defaults |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, t in rows:
         if not measured(t):
-            lines.append(f"| {t['change']} | failed: see {t.get('log')} | | | | |")
+            lines.append(f"| {name} | failed: see {(t or {}).get('log')} | | | | | | |")
             continue
-        vs = f"{t['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"
-        lines.append(f"| {t['change']} | {t['tokens_per_s']:,.0f} | {vs} | {t['s_per_step']:.2f} | "
-                     f"{_fmt(t['peak_reserved_gib'], '.2f')} | {_fmt(_mfu(entry, t, report), '.1%')} |")
+        m4, mhw = mfus(entry, t, report)
+        diff = loss_difference(t.get("losses"), base.get("losses")) if t is not base and measured(base) else None
+        same_rows = not t.get("packing")  # packed batches hold other rows: their losses are not comparable
+        lines.append(f"| {name} | {t['tokens_per_s']:,.0f} | {_fmt(_speed(t, base), '.2f', 'x')} | {t['s_per_step']:.2f} | "
+                     f"{_fmt(t['peak_reserved_gib'], '.2f')} | {_fmt(m4, '.1%')} | {_fmt(mhw, '.1%')} | "
+                     f"{_fmt(diff, '.2%') if same_rows else 'other batches'} |")
     return "\n".join(lines)
 
 
 def budget_table(entry):
     b = entry.get("budget")
-    if not b:
-        return ""
     if "error" in b:
         return f"The budget run failed: see {b.get('log')}."
-    lines = [f"Cap: {b['cap_gib']} GiB (torch.cuda.set_per_process_memory_fraction), every row at the length tried.",
+    lines = [f"Cap: {b['cap_gib']} GiB (torch.cuda.set_per_process_memory_fraction), every row at the length tried; "
+             f"gradient checkpointing chosen under the cap: {CHECKPOINTING.get(b.get('gradient_checkpointing'), '?')}.",
              "", "| check | batch | sequence length | fits | peak reserved GiB |", "|---|---|---:|---|---:|"]
     for t in b["tries"]:
         lines.append(f"| {t['check']} | {t['batch_size']} x {t['grad_accum']} | {t['length']} | "
                      f"{'yes' if t['fits'] else 'no (out of memory)'} | {_fmt(t['peak_reserved_gib'], '.2f')} |")
-    lines.append("")
-    lines.append(f"Defaults fit: {'yes' if b['defaults_fit'] else 'NO'}. Longest length that fits: batch 1: "
-                 f"{b.get('longest_batch_1') or 'none tried fit'}, batch 2: {b.get('longest_batch_2') or 'none tried fit'} "
-                 "(largest of the lengths tried, up to the model's context window).")
+    lines += ["", f"Defaults fit: {'yes' if b['defaults_fit'] else 'NO'}."]
+    capped = entry.get("capped") or {}
+    if capped:
+        lines += ["", "Speed under the same cap, on the benchmark's rows:", "", HEADER]
+        lines += [run_row(LABELS[k], entry, capped[k], {}) for k in ("ours", "notebook") if k in capped]
     return "\n".join(lines)
+
+
+def profile_table(run):
+    p = (run or {}).get("profile")
+    if not p:
+        return ""
+    total = p["device_ms"] or 1
+    lines = [f"One steady-state step (step {p['step']}) of (a) under torch.profiler: {p['wall_ms']:.0f} ms of wall "
+             f"time, {p['device_ms']:.0f} ms of GPU kernel time.", "", "| where the GPU's time goes | ms | share |",
+             "|---|---:|---:|"]
+    lines += [f"| {k} | {v:.1f} | {v / total:.0%} |" for k, v in sorted(p["buckets"].items(), key=lambda kv: -kv[1]) if v]
+    lines += ["", "Longest kernels: " + "; ".join(f"`{name}` {ms:.1f} ms" for name, ms in p["top"][:5]) + "."]
+    return "\n".join(lines + ([f"", p["note"]] if p.get("note") else []))
+
+
+def model_section(family, entry, report):
+    rate = (entry.get("matmul") or {}).get("flops_per_s")
+    lengths = entry.get("lengths") or {}
+    out = [f"## {entry.get('title', family)}", "", f"{entry.get('params', 0) / 1e9:.2f}B parameters. Row lengths: "
+           f"{lengths.get('description')}, mean {lengths.get('mean')}. Speeds measured {entry.get('measured', report.get('date'))}"
+           f"{f' (matmul rate that run: {rate / 1e12:.0f} TFLOP/s)' if rate else ''}.", ""]
+    if entry.get("runs"):
+        out += [HEADER] + [run_row(name, entry, entry["runs"][k], report) for k, name in LABELS.items()
+                           if k in entry["runs"]] + [""]
+        r = ratios(entry)
+        shown = {k: v for k, v in r.items() if k.startswith("speed")}
+        if shown:
+            out += ["Speed of (a) against: " + ", ".join(f"{k.replace('speed_vs_', '').replace('_', ' ')} {v:.2f}x"
+                                                        for k, v in shown.items()) + ". " + where_gains_come_from(entry), ""]
+        if profile_table(entry["runs"].get("ours")):
+            out += ["### Where a step's time goes", "", profile_table(entry["runs"]["ours"]), ""]
+    if entry.get("tuning"):
+        out += ["### Levers tried", "", tuning_table(entry, report), ""]
+    scale = entry.get("scale")
+    if scale:
+        out += [f"### {scale['gpus']} GPUs (torchrun)", "", HEADER,
+                run_row(f"(a) on {scale['gpus']} GPUs, {scale['gpus']} x this batch", entry, scale["run"], report), ""]
+    if entry.get("budget"):
+        out += ["### T4 memory budget (15 GB)", "", budget_table(entry), ""]
+    return out
 
 
 def render_markdown(report):
@@ -125,36 +217,29 @@ def render_markdown(report):
     out = [
         "# Training benchmarks",
         "",
-        "Written by `python scripts/benchmark.py` (see the README's Benchmarks section). Random-weight models of "
-        "the real architectures, built locally and loaded in 4-bit NF4; the same token rows, effective batch of 8 "
-        f"sequences and maximum length 2048 for every configuration; {report.get('warmup')} warm-up steps left out, "
-        f"{report.get('steps')} steps measured; each configuration in its own process.",
+        "Written by `python scripts/benchmark.py` (see the README's Measured section). Random-weight models of the real "
+        "architectures, built locally and loaded in 4-bit NF4; the same token rows, micro-batch, gradient accumulation "
+        "and maximum length (2048) for every configuration, this project's defaults, except the reference row at the "
+        f"notebook's own 2 x 4; {report.get('warmup')} warm-up steps left out, {report.get('steps')} steps measured; "
+        "each configuration in its own process.",
         "",
         f"- Date: {report.get('date')}",
         f"- GPU: {report.get('gpu')}; measured bf16 matrix-multiply rate {rate.get('flops_per_s', 0) / 1e12:.0f} TFLOP/s "
         f"(best of square sizes {rate.get('by_size')})",
         f"- Libraries: {libs}",
-        "- MFU = 4 x parameters x trained tokens/s / measured bf16 matmul rate. 4N: a forward (2N) and the input "
-        "gradients through the frozen weights (2N); LoRA has no weight gradients of its own worth counting, and "
-        "recomputation by gradient checkpointing is not counted. Parameters: every weight of the architecture.",
+        "- MFU (4N) = 4 x parameters x trained tokens/s / measured bf16 matmul rate: a forward (2N) and the input "
+        "gradients through the frozen weights (2N). MFU (hardware) counts what the GPU does: 6N where gradient "
+        "checkpointing recomputes the forward. Parameters: every weight of the architecture.",
         "- Trained tokens: non-pad tokens of the batches (`include_num_input_tokens_seen=\"non_padding\"`).",
         "",
     ]
+    if report.get("commands"):
+        out += ["Measured by these runs, one after the other on the same machine:", ""]
+        out += [f"- `{c}`" if "(" not in c else f"- `{c[:c.index(' (')]}` {c[c.index(' (') + 1:]}" for c in report["commands"]]
+        out += [""]
     for family, entry in report.get("models", {}).items():
-        rate = (entry.get("matmul") or {}).get("flops_per_s")
-        out += [f"## {entry.get('title', family)}", "", f"{entry.get('params', 0) / 1e9:.2f}B parameters. Row lengths: "
-                f"{(entry.get('lengths') or {}).get('description')}, mean {(entry.get('lengths') or {}).get('mean')}. "
-                f"Speeds measured {entry.get('measured', report.get('date'))}"
-                f"{f' (matmul rate that run: {rate / 1e12:.0f} TFLOP/s)' if rate else ''}.", ""]
-        if entry.get("runs"):
-            out += [HEADER] + [run_row(name, entry, entry["runs"][k], report) for k, name in LABELS.items()
-                               if k in entry["runs"]] + [""]
-            r = ratios(entry)
-            if r:
-                out += ["Ratios: " + ", ".join(f"{k.replace('_', ' ')} {val:.2f}x" for k, val in r.items()), ""]
-        if entry.get("tuning"):
-            out += ["### Tuning the defaults", "", tuning_table(entry, report), ""]
-        if entry.get("budget"):
-            out += ["### T4 memory budget (15 GB)", "", budget_table(entry), ""]
+        out += model_section(family, entry, report)
     out += ["## Targets", ""] + [f"- {line}" for line in check_targets(report)] + [""]
+    if report.get("notes"):
+        out += ["## Notes", ""] + [f"- {note}" for note in report["notes"]] + [""]
     return "\n".join(out)

@@ -4,8 +4,9 @@ so the plain baseline must never share a process with it). Started by scripts/be
     python -m medtune.bench.worker SPEC.json RESULT.json
 
 SPEC["job"] is one of: build (random full-size model, saved pre-quantized in 4-bit), matmul (the
-GPU's bf16 matrix-multiply rate), train (one configuration: ours, baseline or notebook), budget
-(training under a memory cap: the defaults at their worst case, then the longest length that fits).
+GPU's bf16 matrix-multiply rate), train (one configuration of medtune/bench/setups.py: ours, baseline
+or notebook; under torchrun for several GPUs), budget (training under a memory cap: the defaults at
+their worst case, then the longest length that fits).
 """
 import gc
 import json
@@ -19,8 +20,6 @@ from pathlib import Path
 import torch
 
 from medtune.fileio import write_json_atomic
-
-NOTEBOOK = dict(batch_size=2, grad_accum=4, max_seq_length=2048, r=16, alpha=16)
 
 
 def cuda_sync():
@@ -112,143 +111,98 @@ def step_timer():
     return StepTimer()
 
 
-def read_rows(spec):
-    return json.loads(Path(spec["rows"]).read_text())
+def profile_callback(step, result):
+    """A callback profiling optimizer step `step` (a steady-state one) with torch.profiler and putting
+    where the GPU's time went into result["profile"] (medtune.bench.perf.profile_buckets)."""
+    from torch.autograd import DeviceType
+    from transformers import TrainerCallback
+
+    from medtune.bench.perf import profile_buckets
+
+    class Profile(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step + 1 == step:
+                cuda_sync()
+                acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                                if torch.cuda.is_available() else [])
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+                self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is not None and state.global_step == step:
+                cuda_sync()
+                wall = time.perf_counter() - self.started
+                self.prof.__exit__(None, None, None)
+                # Kernels only: an operator's row, and a GPU annotation such as "Optimizer.step#AdamW.step",
+                # repeat the time of the kernels under them.
+                kernels = [(e.key, e.self_device_time_total) for e in self.prof.key_averages()
+                           if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0
+                           and not getattr(e, "is_user_annotation", False) and "#" not in e.key]
+                result["profile"] = {"step": step, "wall_ms": round(wall * 1e3, 1), **profile_buckets(kernels)}
+                self.prof = None
+
+    return Profile()
 
 
-def lora_summary(model):
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    modules = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
-    return {"trainable_params": trainable, "lora_modules": modules}
-
-
-def load_ours(spec, family, cfg):
-    from medtune.train import modeling
-
-    model, tokenizer, _ = modeling.load_model(spec["model"], cfg)
-    family.prepare_tokenizer(tokenizer)
-    model, targets = modeling.attach_lora(model, cfg, family)
-    return model, tokenizer, targets
-
-
-def ours_config(spec, **extra):
-    from medtune.config import TrainConfig
-
-    steps = spec["warmup"] + spec["steps"]
-    return TrainConfig(model=spec["model"], max_steps=steps, save_steps=10**6, eval_samples=0, logging_steps=1,
-                       warmup_steps=5, **{**spec.get("overrides", {}), **extra})
-
-
-def train_ours(spec, family, rows, run_dir, timer):
-    from medtune.train.trainer import build_trainer
-
-    cfg = ours_config(spec)
-    model, tokenizer, targets = load_ours(spec, family, cfg)
-    trainer = build_trainer(model, tokenizer, rows, [], cfg, run_dir, [timer])
-    settings = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "max_seq_length": cfg.max_seq_length,
-                "packing": cfg.packing, "optim": cfg.optim}
-    return model, trainer, targets, settings
-
-
-def train_notebook(spec, family, rows, run_dir, timer):
-    """The configuration of the Unsloth notebooks most users copy, Unsloth's defaults otherwise."""
-    from unsloth import FastLanguageModel, is_bfloat16_supported
-    from trl import SFTConfig, SFTTrainer
-
-    from medtune.families import PROJECTIONS, linear_names, resolve_lora_targets
-
-    model, tokenizer = FastLanguageModel.from_pretrained(model_name=spec["model"], max_seq_length=2048, dtype=None,
-                                                         load_in_4bit=True)
-    family.prepare_tokenizer(tokenizer)
-    # The notebooks name the 7 split projections; on Phi-3's fused weights the same layers are
-    # qkv_proj and gate_up_proj, resolved as for every configuration here so that all attach alike.
-    targets, _ = resolve_lora_targets(list(PROJECTIONS), linear_names(model))
-    model = FastLanguageModel.get_peft_model(
-        model, r=16, target_modules=targets, lora_alpha=16, lora_dropout=0, bias="none",
-        use_gradient_checkpointing="unsloth", random_state=3407, use_rslora=False, loftq_config=None)
-    from datasets import Dataset
-
-    args = SFTConfig(
-        per_device_train_batch_size=2, gradient_accumulation_steps=4, warmup_steps=5,
-        max_steps=spec["warmup"] + spec["steps"], learning_rate=2e-4, fp16=not is_bfloat16_supported(),
-        bf16=is_bfloat16_supported(), logging_steps=1, optim="adamw_8bit", weight_decay=0.01,
-        lr_scheduler_type="linear", seed=3407, output_dir=str(run_dir), report_to="none", max_length=2048,
-        packing=False, save_strategy="no", include_num_input_tokens_seen="non_padding")
-    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(rows), args=args,
-                         callbacks=[timer])
-    return model, trainer, targets, {"batch_size": 2, "grad_accum": 4, "max_seq_length": 2048, "packing": False,
-                                     "optim": "adamw_8bit"}
-
-
-def train_baseline(spec, family, rows, run_dir, timer):
-    """Plain transformers + PEFT + bitsandbytes NF4 QLoRA: Hugging Face gradient checkpointing, SDPA
-    attention, TRL padding each batch to its longest row."""
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
-    from medtune.families import PROJECTIONS, linear_names, resolve_lora_targets
-
-    assert "unsloth" not in sys.modules, "the baseline must run without Unsloth's patches"
-    on_gpu = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.bfloat16, attn_implementation="sdpa",
-                                                 device_map={"": 0} if on_gpu else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    family.prepare_tokenizer(tokenizer)
-    gc_kwargs = {"use_reentrant": False}
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs=gc_kwargs)
-    targets, _ = resolve_lora_targets(list(PROJECTIONS), linear_names(model))
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
-                                             bias="none", task_type="CAUSAL_LM"))
-    args = SFTConfig(
-        per_device_train_batch_size=2, gradient_accumulation_steps=4, warmup_steps=5,
-        max_steps=spec["warmup"] + spec["steps"], learning_rate=2e-4, bf16=on_gpu, logging_steps=1,
-        optim="adamw_8bit", weight_decay=0.01, lr_scheduler_type="linear", seed=3407, output_dir=str(run_dir),
-        report_to="none", max_length=2048, packing=False, padding_free=False, gradient_checkpointing=True,
-        gradient_checkpointing_kwargs=gc_kwargs, save_strategy="no", include_num_input_tokens_seen="non_padding")
-    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(rows), args=args,
-                         callbacks=[timer])
-    return model, trainer, targets, {"batch_size": 2, "grad_accum": 4, "max_seq_length": 2048, "packing": False,
-                                     "optim": "adamw_8bit"}
-
-
-SETUPS = {"ours": train_ours, "baseline": train_baseline, "notebook": train_notebook}
+def varlen_probe_state():
+    """The keys of Unsloth's varlen-probe cache and how many decoder blocks took the compiled varlen
+    path ({} without Unsloth's packed attention)."""
+    try:
+        from unsloth.utils import hf_packed_attention as packed
+    except ImportError:
+        return {}
+    return {"keys": sorted(map(str, packed._VARLEN_IN_GRAPH)), "compiled": packed.HF_PACKED_ATTENTION_STATS["compiled"]}
 
 
 def train(spec):
-    from medtune.families import FAMILIES
+    """One configuration: speed after the warm-up, memory, every logged loss; under torchrun (the
+    benchmark's --gpus) one such process per GPU, rank 0 reporting."""
+    from medtune import distributed
     from medtune.bench.perf import steady_state
+    from medtune.bench.setups import SETUPS, read_rows, lora_summary
+    from medtune.families import FAMILIES
 
     if spec["setup"] != "baseline":
         import unsloth  # noqa: F401
+    distributed.start()
+    if spec.get("cap_bytes") and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(spec["cap_bytes"] / total)
     family = FAMILIES[spec["family"]]
-    rows = read_rows(spec)
-    timer = step_timer()
+    timer, result = step_timer(), {}
+    callbacks = [timer] + ([profile_callback(spec["warmup"] + spec["steps"] + 1, result)] if spec.get("profile") else [])
     with tempfile.TemporaryDirectory() as run_dir:
-        model, trainer, targets, settings = SETUPS[spec["setup"]](spec, family, rows, run_dir, timer)
+        model, trainer, targets, settings = SETUPS[spec["setup"]](spec, family, read_rows(spec), run_dir, callbacks)
         lora = lora_summary(model)
         print(f"[{spec['setup']}] LoRA on {', '.join(targets)}: {lora['lora_modules']} modules, "
-              f"{lora['trainable_params']:,} trainable parameters", flush=True)
+              f"{lora['trainable_params']:,} trainable parameters; {settings}", flush=True)
+        probe_before = varlen_probe_state()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
-    speed = steady_state(timer.steps, spec["warmup"])
-    return {"setup": spec["setup"], "targets": targets, **lora, **settings, **memory(),
-            "padding_free": bool(getattr(trainer.args, "padding_free", False)),
-            "first_step_s": round(timer.steps[0][1], 1), "steps": len(timer.steps),
-            "tokens": timer.steps[-1][2], "loss_first": timer.losses[0] if timer.losses else None,
-            "loss_last": timer.losses[-1] if timer.losses else None, **(speed or {})}
+    measured = [s for s in timer.steps if s[0] <= spec["warmup"] + spec["steps"]]
+    speed = steady_state(measured, spec["warmup"])
+    result.update({"setup": spec["setup"], "targets": targets, **lora, **settings, **memory(),
+                   "padding_free": bool(getattr(trainer.args, "padding_free", False)),
+                   "first_step_s": round(timer.steps[0][1], 1), "steps": len(measured), "tokens": measured[-1][2],
+                   "losses": timer.losses, "world_size": distributed.world_size(),
+                   "largest_step_tokens": max(b[2] - a[2] for a, b in zip([(0, 0, 0)] + measured, measured)),
+                   "varlen_probe": {"before_training": probe_before, "after": varlen_probe_state()},
+                   "cap_gib": round(spec["cap_bytes"] / 2**30, 2) if spec.get("cap_bytes") else None, **(speed or {})})
+    return result if distributed.is_main() else None
 
 
 def budget(spec):
     """Under a memory cap (a T4's 15 GB): the defaults with every row at --max-seq-length (their
-    worst case), then, per batch size, the longest sequence length that still trains."""
+    worst case), then, per batch size in spec["batches"], the longest sequence length that still trains."""
     import unsloth  # noqa: F401
 
-    from medtune.families import FAMILIES
     from medtune.bench.perf import synthetic_rows
+    from medtune.bench.setups import load_ours, ours_config
+    from medtune.families import FAMILIES
     from medtune.train.trainer import build_trainer
 
     family = FAMILIES[spec["family"]]
@@ -257,9 +211,9 @@ def budget(spec):
         torch.cuda.set_per_process_memory_fraction(spec["cap_bytes"] / total)
     vocab = json.loads((Path(spec["model"]) / "config.json").read_text())["vocab_size"]
     ladder = spec["ladder"]
-    cfg = ours_config({**spec, "warmup": 0, "steps": 2}, max_seq_length=max(ladder))
-    model, tokenizer, _ = load_ours(spec, family, cfg)
-    results = {"cap_gib": round(spec["cap_bytes"] / 2**30, 2), "tries": []}
+    cfg = ours_config({**spec, "warmup": 0, "steps": 2}, max_seq_length=max([spec["defaults"]["max_seq_length"], *ladder]))
+    model, tokenizer, _, checkpointing = load_ours(spec, family, cfg)
+    results = {"cap_gib": round(spec["cap_bytes"] / 2**30, 2), "gradient_checkpointing": checkpointing, "tries": []}
 
     def attempt(label, length, batch, grad_accum):
         from dataclasses import replace
@@ -271,7 +225,7 @@ def budget(spec):
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as run_dir:
-            trainer = build_trainer(model, tokenizer, rows, [], run_cfg, run_dir, [])
+            trainer = build_trainer(model, tokenizer, rows, [], run_cfg, run_dir, [], checkpointing)
             try:
                 trainer.train()
                 ok = True
@@ -291,7 +245,7 @@ def budget(spec):
     defaults = spec["defaults"]
     results["defaults_fit"] = attempt("defaults", defaults["max_seq_length"], defaults["batch_size"],
                                       defaults["grad_accum"])
-    for batch in spec["batches"]:
+    for batch in spec.get("batches", []):
         longest = None
         for length in ladder:
             if not attempt(f"batch {batch}", length, batch, 1):
@@ -309,7 +263,9 @@ def main():
     spec = json.loads(spec_path.read_text())
     for k, v in spec.get("env", {}).items():
         os.environ[k] = v
-    write_json_atomic(result_path, JOBS[spec["job"]](spec), indent=1)
+    result = JOBS[spec["job"]](spec)
+    if result is not None:  # None: a rank other than 0 of a multi-GPU run
+        write_json_atomic(result_path, result, indent=1)
 
 
 if __name__ == "__main__":

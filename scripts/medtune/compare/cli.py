@@ -174,7 +174,10 @@ def benchmarks_section(runs, heads, by_mode):
             md += [_table(["benchmark", *heads], table), ""]
     return md + ["generate: the model reasons inside `<think>`, then answers, and the option is read from its "
                  "final answer (unparseable counts as wrong). loglik: the option whose letter (or yes/no/maybe) is "
-                 "most likely after the question, as lm-evaluation-harness scores multiple choice.", "",
+                 "most likely after the question, as lm-evaluation-harness scores multiple choice. Both in the "
+                 "project's chat prompt format (`--prompt-format chat`: the run's chat template and system prompt); "
+                 "lm-eval's own plain zero-shot prompts (`--prompt-format lm-eval`) give other numbers, not shown "
+                 "here.", "",
                  "![Accuracy](accuracy.png)", ""]
 
 

@@ -19,11 +19,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from medtune.evaluation.tasks import BENCHMARKS, HELDOUT, VALID, heldout_rows, load_items, parse_names
+from medtune.evaluation.tasks import BENCHMARKS, HELDOUT, PROMPT_FORMATS, VALID, heldout_rows, load_items, parse_names
 from medtune.errors import UserError, parse_options, report_user_errors
 from medtune.fileio import write_json_atomic
 
 MODES = ("generate", "loglik")
+ENGINES = ("continuous", "static")  # medtune.evaluation.generation
 DEFAULT_SEED = 1234
 
 
@@ -33,10 +34,17 @@ def parse_args(argv):
                                   "or a Hugging Face Hub id")
     p.add_argument("--benchmarks", help=f"comma-separated, of {', '.join(VALID)} (default: all of them; heldout only "
                                         "for a run or its export)")
-    p.add_argument("--mode", default="generate",
+    p.add_argument("--mode",
                    help="generate: the model reasons in <think>, then answers, and the option is read from its text; "
                         "loglik: each option's log-likelihood after the question, as lm-evaluation-harness scores "
-                        "multiple choice; generate,loglik: both (default: generate)")
+                        "multiple choice; generate,loglik: both (default: generate; loglik with --prompt-format "
+                        "lm-eval)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="chat",
+                   help="chat: the project's prompts in the model's chat template with its system prompt (the "
+                        "default, what scripts/compare.py reports); lm-eval: lm-evaluation-harness's own zero-shot "
+                        "tasks medqa_4options, medmcqa and pubmedqa (plain text, their datasets, PubMedQA's 500-item "
+                        "test fold), scored by log-likelihood as lm-eval scores them, to set beside published lm-eval "
+                        "numbers")
     p.add_argument("--limit", type=int, help="evaluate a seeded random sample of N items per benchmark")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help=f"seed of the --limit sample (default {DEFAULT_SEED})")
@@ -48,15 +56,20 @@ def parse_args(argv):
                    help="a local .jsonl/.json/.csv/.parquet file for one benchmark, in the Hub dataset's columns; "
                         "repeatable")
     p.add_argument("--out", help="output folder (default: <run>/eval, <run>/export/eval, or reports/eval/<model>)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--engine", choices=ENGINES, default="continuous",
+                   help="generate mode: continuous (transformers' continuous batching, 4-bit weights unpacked to "
+                        "16 bits where they fit the GPU) or static (model.generate over fixed batches of --batch-size "
+                        "prompts, the weights as stored); the answers are the same (default: continuous)")
+    p.add_argument("--batch-size", type=int,
+                   help="prompts per forward pass in loglik mode, the held-out loss and --engine static (default 8); "
+                        "with --engine continuous, the most rows generated at once (default: as many as the GPU's "
+                        "memory holds)")
     p.add_argument("--max-new-tokens", type=int, default=1024,
                    help="generate mode: most tokens of reasoning and answer; a response cut off inside <think> counts "
                         "as unparseable (default 1024)")
     problems = []
     args = parse_options(p, argv, problems)
-    args.modes = list(dict.fromkeys(m.strip() for m in args.mode.split(",") if m.strip()))
-    if not args.modes or any(m not in MODES for m in args.modes):
-        problems.append(f"--mode {args.mode!r} is not one of generate, loglik (or both: generate,loglik).")
+    problems += _check_modes(args)
     for name in ("limit", "batch_size", "max_new_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -73,19 +86,35 @@ def parse_args(argv):
     return args
 
 
+def _check_modes(args):
+    problems = []
+    lm_eval = args.prompt_format == "lm-eval"
+    args.mode = args.mode or ("loglik" if lm_eval else "generate")
+    args.modes = list(dict.fromkeys(m.strip() for m in args.mode.split(",") if m.strip()))
+    if not args.modes or any(m not in MODES for m in args.modes):
+        problems.append(f"--mode {args.mode!r} is not one of generate, loglik (or both: generate,loglik).")
+    elif lm_eval and "generate" in args.modes:
+        problems.append("--prompt-format lm-eval scores by log-likelihood only, as lm-evaluation-harness scores these "
+                        "tasks: use --mode loglik (the default with it), or drop --prompt-format for generate mode.")
+    return problems
+
+
 @dataclass
 class Task:
     """One results file: a benchmark in one mode (or the held-out loss) for one model."""
     name: str
     mode: str  # generate, loglik or loss
     role: str  # finetuned, base or model
+    prompt_format: str  # chat or lm-eval
     path: Path
     setup: dict  # how its rows were computed: resumed rows must match
     done: dict  # id -> stored row
 
     @property
     def key(self):
-        return self.name if self.mode == "loss" else f"{self.name}-{self.mode}"
+        if self.mode == "loss":
+            return self.name
+        return f"{self.name}-lm-eval" if self.prompt_format == "lm-eval" else f"{self.name}-{self.mode}"
 
 
 def stored_rows(path, setup):
@@ -126,7 +155,9 @@ def plan(args):
     from medtune.evaluation import models as em
 
     source = em.resolve(args.source)
-    names = parse_names(args.benchmarks) if args.benchmarks else [*BENCHMARKS, *([HELDOUT] if source.run_dir else [])]
+    lm_eval = args.prompt_format == "lm-eval"
+    heldout = [HELDOUT] if source.run_dir and not lm_eval else []  # a loss, the same in either format
+    names = parse_names(args.benchmarks) if args.benchmarks else [*BENCHMARKS, *heldout]
     if HELDOUT in names and not source.run_dir:
         raise UserError(f"heldout needs a run folder (its heldout.jsonl), and {args.source} is a model without one. "
                         f"Drop heldout from --benchmarks, or evaluate the run folder.")
@@ -136,14 +167,15 @@ def plan(args):
     unused = sorted(set(args.files) - set(names))
     if unused:
         raise UserError(f"--data names {', '.join(unused)}, which --benchmarks does not include.")
-    tokenizer = em.load_tokenizer(source)
+    tokenizer = em.load_tokenizer(source, chat=not lm_eval or HELDOUT in names)
     data = {}
     for name in names:
         if name == HELDOUT:
             # named without its folder: results stay resumable when the run folder moves
             data[name] = (heldout_rows(source.run_dir), "the run's heldout.jsonl")
         else:
-            data[name] = load_items(BENCHMARKS[name], args.files.get(name), args.offline, args.limit, args.seed)
+            bench = PROMPT_FORMATS[args.prompt_format][name]
+            data[name] = load_items(bench, args.files.get(name), args.offline, args.limit, args.seed)
     out = Path(args.out) if args.out else source.default_out
     model = em.describe(source)
     summary = read_summary(out, model)
@@ -156,8 +188,13 @@ def plan(args):
             for mode in ["loss"] if name == HELDOUT else args.modes:
                 setup = {"model": who, "data": data[name][1], **({"max_new_tokens": args.max_new_tokens}
                                                                  if mode == "generate" else {})}
-                path = folder / (f"{name}-loss.jsonl" if mode == "loss" else f"{name}-{mode}.jsonl")
-                tasks.append(Task(name, mode, role, path, setup, stored_rows(path, setup)))
+                fmt = "chat" if mode == "loss" else args.prompt_format
+                if fmt == "lm-eval":
+                    setup["lm_eval_task"] = PROMPT_FORMATS[fmt][name].lm_eval_task
+                task = Task(name, mode, role, fmt, None, setup, {})
+                task.path = folder / (f"{name}-loss.jsonl" if mode == "loss" else f"{task.key}.jsonl")
+                task.done = stored_rows(task.path, setup)
+                tasks.append(task)
     return source, tokenizer, data, out, summary, tasks
 
 
@@ -172,7 +209,8 @@ def evaluate(args):
     for name, (items, where) in data.items():
         print(f"{name}: {len(items)} {'rows' if name == HELDOUT else 'items'} from {where}", flush=True)
     written = []
-    for role, model in em.models(source, args.compare_base):
+    fast = args.engine == "continuous" and "generate" in args.modes
+    for role, model in em.models(source, args.compare_base, fast=fast):
         context = dict(model=model, tokenizer=tokenizer, system=system, stop=em.stop_ids(model, tokenizer, source),
                        source=source, args=args)
         for task in (t for t in tasks if t.role == role):
@@ -180,12 +218,14 @@ def evaluate(args):
             try:
                 entry = RUNNERS[task.mode](task, data[task.name][0], **context)
             except torch.OutOfMemoryError:
-                raise UserError(f"Out of GPU memory on {task.key} ({role}) with --batch-size {args.batch_size}"
+                raise UserError(f"Out of GPU memory on {task.key} ({role}) with --batch-size {args.batch_size or 8}"
                                 f"{f' and --max-new-tokens {args.max_new_tokens}' if task.mode == 'generate' else ''}. "
                                 "Lower them and run the same command again: finished items are kept in "
                                 f"{task.path} and are not evaluated again.") from None
+            if task.mode == "generate":
+                entry["weights"] = em.weights_of(model)
             summary["results"].setdefault(role, {})[task.key] = {
-                **entry, "file": str(task.path.relative_to(out)), **task.setup,
+                **entry, "file": str(task.path.relative_to(out)), "prompt_format": task.prompt_format, **task.setup,
                 **({} if task.mode == "loss" else {"limit": args.limit, "seed": args.seed})}
             write_json_atomic(out / "summary.json", summary)
             written.append(task.path)
@@ -220,7 +260,8 @@ def print_table(summary, tasks):
             lines.append((task.name, task.mode, task.role, str(e["n"]), _acc(e), "", _pct(e["unparseable_rate"]),
                           _pct(e["format_ok_rate"]), f"{e['median_output_tokens']:g}"))
         else:
-            lines.append((task.name, task.mode, task.role, str(e["n"]), _acc(e), _acc(e, "accuracy_norm", "ci95_norm"),
+            mode = "loglik (lm-eval)" if task.prompt_format == "lm-eval" else task.mode
+            lines.append((task.name, mode, task.role, str(e["n"]), _acc(e), _acc(e, "accuracy_norm", "ci95_norm"),
                           "", "", ""))
     if lines:
         widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]

@@ -94,8 +94,9 @@ def resolve(spec):
                     "with config.json.")
 
 
-def load_tokenizer(source):
-    """The tokenizer with the chat template the model was trained with; an error when it has none."""
+def load_tokenizer(source, chat=True):
+    """The tokenizer with the chat template the model was trained with; an error when it has none
+    and `chat` prompts are to be rendered."""
     from transformers import AutoTokenizer
 
     where = source.run_dir if source.kind == "run" else source.weights
@@ -106,7 +107,7 @@ def load_tokenizer(source):
                         "network.") from None
     if source.kind == "run":
         tokenizer.chat_template = (source.run_dir / CHAT_TEMPLATE).read_text()
-    if not tokenizer.chat_template:
+    if chat and not tokenizer.chat_template:
         raise UserError(f"{source.spec} has no chat template, so its prompts can't be rendered as the model expects. "
                         "Evaluate the run folder it came from, or add a chat_template.jinja (or the chat_template key "
                         "in tokenizer_config.json) to the model folder.")
@@ -147,33 +148,61 @@ def _device_dtype():
     return "cpu", torch.float32
 
 
-def _from_pretrained(name):
+SIXTEEN_BIT_SHARE = 0.6  # of the GPU memory: a 16-bit copy larger than this leaves too little for the cache
+
+
+def load_weights(name, sixteen_bit=False):
+    """The model, on the GPU where there is one. With `sixteen_bit`, 4-bit weights are unpacked to
+    16 bits where that copy fits: the same numbers bitsandbytes unpacks at every step, once."""
     from transformers import AutoModelForCausalLM
 
     device, dtype = _device_dtype()
     try:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map={"": device}).eval()
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map={"": device}).eval()
     except OSError as e:
         raise UserError(f"Can't load the model {name} ({e}). Check the id or folder and the network.") from None
+    if sixteen_bit and getattr(model, "hf_quantizer", None) is not None and _fits(model, dtype):
+        model = model.dequantize(dtype=dtype).eval()
+    return model
 
 
-def models(source, compare_base):
+def _fits(model, dtype):
+    import torch
+
+    if not torch.cuda.is_available():
+        return True
+    from medtune.evaluation.generation import memory_budget
+
+    extra = model.num_parameters() * dtype.itemsize - model.get_memory_footprint()
+    return extra <= SIXTEEN_BIT_SHARE * (memory_budget() + model.get_memory_footprint())
+
+
+def weights_of(model):
+    """How the model's linear weights are held, for summary.json: 4-bit or the 16/32-bit dtype."""
+    quantizer = getattr(getattr(model, "get_base_model", lambda: model)(), "hf_quantizer", None)
+    return "4-bit" if quantizer is not None else str(model.dtype).removeprefix("torch.")
+
+
+def models(source, compare_base, fast=False):
     """(role, model) pairs, one model in memory at a time: "finetuned" then "base" for a run or an
-    export, "model" for anything else. Consume it fully: a run's base is its adapter switched off."""
+    export, "model" for anything else. Consume it fully: a run's base is its adapter switched off.
+
+    `fast` unpacks 4-bit weights to 16 bits where they fit. The adapter stays unmerged: adding it
+    into 16-bit weights would round its small deltas away (and gained 11% on an H200, BENCHMARKS.md)."""
     if source.kind == "run":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(_from_pretrained(source.weights), source.adapter).eval()
+        model = PeftModel.from_pretrained(load_weights(source.weights, fast), source.adapter).eval()
         yield "finetuned", model
         if compare_base:
             with model.disable_adapter():
                 yield "base", model
         return
-    model = _from_pretrained(source.weights)
+    model = load_weights(source.weights, fast)
     yield ("finetuned" if source.kind == "export" else "model"), model
     if compare_base:
         del model
-        yield "base", _from_pretrained(source.base)
+        yield "base", load_weights(source.base, fast)
 
 
 def stop_ids(model, tokenizer, source):

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from medtune.evaluation.answers import extract, final_answer, reasoning_block_ok
 from medtune.evaluation.tasks import BENCHMARKS, user_message
-from medtune.evaluation.scoring import answer_nll, generate, loglikelihoods
+from medtune.evaluation.scoring import answer_nll, loglikelihoods
 
 ANSWER_PREFIX = "Answer:"  # loglik mode: the assistant turn opens with it, then each option is scored
 Z95 = 1.959964
@@ -37,15 +37,25 @@ def _progress(task, total):
     return tqdm(total=total, desc=f"{task.key} ({task.role})", unit="item", dynamic_ncols=True)
 
 
+def _engine(args, model, tokenizer, prompts, stop):
+    from medtune.evaluation import generation
+
+    if args.engine == "static":
+        return generation.static(model, tokenizer, prompts, stop, args.max_new_tokens, args.batch_size or 8)
+    return generation.continuous(model, tokenizer, prompts, stop, args.max_new_tokens, args.batch_size)
+
+
 def run_generate(task, items, model, tokenizer, system, stop, args, **_):
+    from medtune.evaluation.generation import Meter
     from medtune.evaluation.models import prompt_text
 
     bench = BENCHMARKS[task.name]
     pending = [it for it in items if it.id not in task.done]
     prompts = [prompt_text(tokenizer, system, user_message(it, bench, "generate")) for it in pending]
     with task.path.open("a") as f, _progress(task, len(pending)) as bar:
-        for batch in generate(model, tokenizer, prompts, stop, args.max_new_tokens, args.batch_size):
-            for i, text, n_tokens in batch:
+        meter = Meter(len(pending), args.max_new_tokens, bar, say=tqdm.write)
+        for step in (_engine(args, model, tokenizer, prompts, stop) if pending else ()):
+            for i, text, n_tokens in step.results:
                 item = pending[i]
                 answer, how = extract(text, item.labels, item.options)
                 final = final_answer(text)
@@ -56,7 +66,7 @@ def run_generate(task, items, model, tokenizer, system, stop, args, **_):
                     "answer_tokens": len(tokenizer(final, add_special_tokens=False)["input_ids"]) if final else 0,
                 })
             f.flush()
-            bar.update(len(batch))
+            meter.update(step)
     rows = [task.done[it.id] for it in items]
     n, correct = len(rows), sum(r["correct"] for r in rows)
     unparseable = sum(r["answer"] is None for r in rows)
@@ -68,7 +78,7 @@ def run_generate(task, items, model, tokenizer, system, stop, args, **_):
         "reasoning_block_rate": sum(r["reasoning_block"] for r in rows) / n,
         "median_output_tokens": statistics.median(r["output_tokens"] for r in rows),
         "median_answer_tokens": statistics.median(r["answer_tokens"] for r in rows),
-        "new_items": len(pending),
+        "new_items": len(pending), "engine": args.engine, **meter.summary(),
     }
 
 
@@ -77,7 +87,11 @@ def run_loglik(task, items, model, tokenizer, system, args, **_):
 
     bench = BENCHMARKS[task.name]
     pending = [it for it in items if it.id not in task.done]
-    contexts = [prompt_text(tokenizer, system, user_message(it, bench, "loglik"), ANSWER_PREFIX) for it in pending]
+    lm_eval = task.prompt_format == "lm-eval"
+    if lm_eval:  # lm-eval's plain context; its tokenizer call adds what the tokenizer adds by default (BOS)
+        contexts = [it.text for it in pending]
+    else:
+        contexts = [prompt_text(tokenizer, system, user_message(it, bench, "loglik"), ANSWER_PREFIX) for it in pending]
     requests, owner = [], []  # one request per option; owner[r] = (item index, option index)
     for i, (item, context) in enumerate(zip(pending, contexts)):
         for k, label in enumerate(item.labels):
@@ -85,7 +99,7 @@ def run_loglik(task, items, model, tokenizer, system, args, **_):
             owner.append((i, k))
     scores = [dict() for _ in pending]
     with task.path.open("a") as f, _progress(task, len(pending)) as bar:
-        for batch in loglikelihoods(model, tokenizer, requests, args.batch_size):
+        for batch in loglikelihoods(model, tokenizer, requests, args.batch_size or 8, special_tokens=lm_eval):
             for r, loglik in batch:
                 i, k = owner[r]
                 scores[i][k] = loglik
@@ -129,7 +143,7 @@ def run_loss(task, rows, model, tokenizer, system, source, args, **_):
             pending.append(str(index))
             encoded.append((ids, assistant_labels(prompt_ids, ids, eot)))
     with task.path.open("a") as f, _progress(task, len(pending)) as bar:
-        for batch in answer_nll(model, encoded, tokenizer.pad_token_id, args.batch_size):
+        for batch in answer_nll(model, encoded, tokenizer.pad_token_id, args.batch_size or 8):
             for i, nll, n_tokens in batch:
                 _store(task, f, {"id": pending[i], "setup": task.setup, "tokens": n_tokens, "nll": nll,
                                  "loss": nll / n_tokens})

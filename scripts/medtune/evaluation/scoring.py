@@ -46,12 +46,14 @@ def generate(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size):
         yield results
 
 
-def encode_request(tokenizer, context, continuation):
+def encode_request(tokenizer, context, continuation, special_tokens=False):
     """(token ids of context + continuation, number of them that belong to the context), split as
     lm-evaluation-harness splits them: the continuation's tokens are those beyond the context's own
-    tokenization, so a token merging across the boundary counts as continuation."""
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    tokenization, so a token merging across the boundary counts as continuation. `special_tokens`:
+    what the tokenizer adds by default (BOS), as lm-eval's HFLM encodes plain-text prompts; chat
+    prompts carry their own."""
+    whole = tokenizer(context + continuation, add_special_tokens=special_tokens)["input_ids"]
+    n_context = len(tokenizer(context, add_special_tokens=special_tokens)["input_ids"])
     assert 0 < n_context < len(whole), f"{continuation!r} adds no token to its context"
     return whole, n_context
 
@@ -66,10 +68,10 @@ def _logits_at(model, sequences, pad, positions):
     return logits, {p: k for k, p in enumerate(keep)}
 
 
-def loglikelihoods(model, tokenizer, requests, batch_size):
+def loglikelihoods(model, tokenizer, requests, batch_size, special_tokens=False):
     """Sum of the log-probabilities of each (context, continuation)'s continuation tokens: per
     batch, a list of (index, log-likelihood)."""
-    encoded = [encode_request(tokenizer, c, x) for c, x in requests]
+    encoded = [encode_request(tokenizer, c, x, special_tokens) for c, x in requests]
     for idx in _batches([len(encoded[i][0]) for i in range(len(encoded))], batch_size):
         # the logits at position t predict token t + 1
         wanted = [range(encoded[i][1] - 1, len(encoded[i][0]) - 1) for i in idx]

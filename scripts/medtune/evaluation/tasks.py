@@ -7,8 +7,18 @@ bundled samples and mapped to one item format. The only place where benchmark co
 | medmcqa  | openlifescienceai/medmcqa           | validation | 4,183 (the test split has no answers), A-D |
 | pubmedqa | qiaojin/PubMedQA, config pqa_labeled | train     | the 1,000 expert-labelled abstracts, yes/no/maybe |
 
-`data/eval/<name>_sample.jsonl` holds a few items written for this project in each benchmark's own
-columns (`--offline`); `--data NAME=FILE` reads a local file of the same columns.
+`--prompt-format lm-eval` reads the datasets of lm-evaluation-harness's zero-shot tasks instead, and
+keeps its plain-text context for each item (LMEVAL below):
+
+| name     | lm-eval task   | Hub dataset                                   | split      | items |
+|----------|----------------|-----------------------------------------------|------------|-------|
+| medqa    | medqa_4options | GBaker/MedQA-USMLE-4-options-hf               | test       | 1,273 |
+| medmcqa  | medmcqa        | openlifescienceai/medmcqa                     | validation | 4,183 |
+| pubmedqa | pubmedqa       | bigbio/pubmed_qa, pubmed_qa_labeled_fold0_source | test    | 500   |
+
+`data/eval/<name>_sample.jsonl` (and `<name>_lm-eval_sample.jsonl` where lm-eval's columns differ)
+holds a few items written for this project in each dataset's own columns (`--offline`);
+`--data NAME=FILE` reads a local file of the same columns.
 """
 import random
 from collections.abc import Callable
@@ -33,6 +43,7 @@ class Item:
     labels: tuple[str, ...]  # what the model answers with: letters, or for yes/no/maybe the words
     gold: int  # index of the correct option
     context: str = ""  # PubMedQA's abstract
+    text: str = ""  # --prompt-format lm-eval: the task's own context string, as its doc_to_text writes it
 
     @property
     def gold_label(self):
@@ -93,10 +104,13 @@ class Benchmark:
     columns: str  # what a row needs, for error messages
     style: str  # "multiple_choice" or "yes_no_maybe": which prompt files ask the question
     to_item: Callable[[dict, int], Item]
+    sample_name: str = ""  # the offline sample's file name, when not <name>_sample.jsonl
+    lm_eval_task: str = ""  # the lm-evaluation-harness task whose prompts and data these are
+    fallback_revision: str | None = None  # Hub revision tried when the dataset's own loader fails
 
     @property
     def sample(self):
-        return REPO_ROOT / "data" / "eval" / f"{self.name}_sample.jsonl"
+        return REPO_ROOT / "data" / "eval" / (self.sample_name or f"{self.name}_sample.jsonl")
 
     @property
     def hub_label(self):
@@ -111,6 +125,66 @@ BENCHMARKS = {b.name: b for b in (
     Benchmark("pubmedqa", "PubMedQA (labelled)", "qiaojin/PubMedQA", "pqa_labeled", "train",
               "pubid, question, context.contexts and final_decision", "yes_no_maybe", _pubmedqa),
 )}
+
+
+def _raw(row, key):
+    """A text column as lm-eval reads it: unstripped, so the context strings match its own."""
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"'{key}' must be non-empty text, got {value!r}")
+    return value
+
+
+def _index(row, key, n):
+    value = row.get(key)
+    if isinstance(value, str) and value.strip().isdigit():  # CSV files hold text
+        value = int(value)
+    if isinstance(value, bool) or value not in range(n):
+        raise ValueError(f"'{key}' must be an option index 0-{n - 1}, got {value!r}")
+    return value
+
+
+def _lmeval_medqa(row, index):
+    """lm-eval's medqa_4options: preprocess_medqa.doc_to_text."""
+    endings = [_raw(row, f"ending{k}") for k in range(4)]
+    options = "".join(f"{k}. {v}\n" for k, v in zip(LETTERS, endings))
+    return Item(str(row.get("id", index)), _raw(row, "sent1"), tuple(endings), LETTERS, _index(row, "label", 4),
+                text=f"Question: {row['sent1']}\n{options}Answer:")
+
+
+def _lmeval_medmcqa(row, index):
+    """lm-eval's medmcqa: utils_medmcqa.doc_to_text."""
+    options = [_raw(row, k) for k in ("opa", "opb", "opc", "opd")]
+    text = "Question: " + _raw(row, "question") + "\nChoices:\n"
+    text += "".join(f"{k}. {v}\n" for k, v in zip(LETTERS, options)) + "Answer:"
+    return Item(str(row.get("id", index)), row["question"], tuple(options), LETTERS, _index(row, "cop", 4), text=text)
+
+
+def _lmeval_pubmedqa(row, index):
+    """lm-eval's pubmedqa: preprocess_pubmedqa.doc_to_text over bigbio's source columns."""
+    parts = row.get("CONTEXTS")
+    if not isinstance(parts, list) or not parts or not all(isinstance(p, str) for p in parts):
+        raise ValueError("'CONTEXTS' must be a list of the abstract's paragraphs")
+    decision = row.get("final_decision")
+    if decision not in DECISIONS:
+        raise ValueError(f"'final_decision' must be yes, no or maybe, got {decision!r}")
+    abstract = "\n".join(parts)
+    return Item(str(row.get("pubid", index)), _raw(row, "QUESTION"), DECISIONS, DECISIONS, DECISIONS.index(decision),
+                abstract, text=f"Abstract: {abstract}\nQuestion: {row['QUESTION']}\nAnswer:")
+
+
+LMEVAL = {b.name: b for b in (
+    Benchmark("medqa", "MedQA (lm-eval medqa_4options)", "GBaker/MedQA-USMLE-4-options-hf", None, "test",
+              "sent1, ending0..ending3 and label (0-3)", "multiple_choice", _lmeval_medqa,
+              "medqa_lm-eval_sample.jsonl", "medqa_4options"),
+    Benchmark("medmcqa", "MedMCQA (lm-eval medmcqa)", "openlifescienceai/medmcqa", None, "validation",
+              "id, question, opa, opb, opc, opd and cop (0-3)", "multiple_choice", _lmeval_medmcqa,
+              "medmcqa_sample.jsonl", "medmcqa"),
+    Benchmark("pubmedqa", "PubMedQA (lm-eval pubmedqa, test fold)", "bigbio/pubmed_qa",
+              "pubmed_qa_labeled_fold0_source", "test", "QUESTION, CONTEXTS and final_decision", "yes_no_maybe",
+              _lmeval_pubmedqa, "pubmedqa_lm-eval_sample.jsonl", "pubmedqa", "refs/convert/parquet"),
+)}
+PROMPT_FORMATS = {"chat": BENCHMARKS, "lm-eval": LMEVAL}
 HELDOUT = "heldout"  # loss on the run's held-out split: not a Hub benchmark
 VALID = (*BENCHMARKS, HELDOUT)
 
@@ -130,6 +204,12 @@ def _load_hub(bench):
     try:
         return datasets.load_dataset(bench.hub_id, bench.hub_config, split=bench.split).to_list()
     except Exception as e:  # offline, unknown id, gated, changed splits: all mean "no data from the Hub"
+        if bench.fallback_revision:  # bigbio's loader script, which datasets 4 no longer runs: its Parquet copy
+            try:
+                return datasets.load_dataset(bench.hub_id, bench.hub_config, split=bench.split,
+                                             revision=bench.fallback_revision).to_list()
+            except Exception:
+                pass
         raise UserError(f"Can't load {bench.title} from the Hugging Face Hub ({bench.hub_label}): "
                         f"{type(e).__name__}: {e}. Connect to the Hub, or pass --offline to evaluate on the bundled "
                         f"samples, or --data {bench.name}=FILE for a local copy with the columns "

@@ -45,6 +45,7 @@ class Prepared:
     eval_rows: list
     eval_examples: list
     data_stats: dict
+    checkpointing: str  # the --gradient-checkpointing choice: unsloth, true or false
 
 
 def run(family_name, argv=None, callbacks=()):
@@ -72,17 +73,21 @@ def run(family_name, argv=None, callbacks=()):
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
     distributed.barrier()
+    from medtune.train.watchdog import failed_run_cleanup, watchdog_callback
+
+    clean_up = failed_run_cleanup(run_dir, fresh)
+    watchdog = watchdog_callback(cfg.hang_timeout, clean_up)
     try:
-        return train(family, prepared, run_dir, checkpoint, callbacks)
+        return train(family, prepared, run_dir, checkpoint, [watchdog, *callbacks])
     except BaseException as e:
-        if fresh and newest_checkpoint(run_dir) is None:
-            if distributed.is_main():
-                shutil.rmtree(run_dir, ignore_errors=True)
-            where = "Nothing was kept."
-        else:
-            where = f"Checkpoints are kept in {run_dir}: add --resume to continue."
+        if not isinstance(e, KeyboardInterrupt):  # Ctrl-C reaches every rank by itself
+            watchdog.dog.follow_others()
+        watchdog.dog.stop()
+        where = clean_up()
         import torch
 
+        if not isinstance(e, KeyboardInterrupt):
+            distributed.tell_others_stopped("out of memory" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__)
         if isinstance(e, torch.OutOfMemoryError):
             raise UserError(out_of_memory_message(prepared.cfg) + " " + where, rank_specific=True) from None
         if isinstance(e, KeyboardInterrupt):
@@ -138,9 +143,11 @@ def prepare(family, cfg):
                         f"{cfg.max_seq_length} tokens (the shortest has {train_stats['shortest']}). Raise "
                         f"--max-seq-length to at least {train_stats['shortest']}, or pass --truncate to cut rows.")
     say(describe_data(train_stats, eval_stats, cfg))
-    model, targets = modeling.attach_lora(model, cfg, family)
+    checkpointing, why = modeling.choose_checkpointing(model, cfg)
+    say(why)
+    model, targets = modeling.attach_lora(model, cfg, family, checkpointing)
     return Prepared(cfg, model, tokenizer, targets, system_prompt, train_rows, eval_rows, eval_ex,
-                    dict(train=train_stats, eval=eval_stats))
+                    dict(train=train_stats, eval=eval_stats), checkpointing)
 
 
 def train(family, p, run_dir, checkpoint, callbacks):
@@ -153,7 +160,8 @@ def train(family, p, run_dir, checkpoint, callbacks):
         runfolder.write_start(run_dir, to_dict(cfg), p.system_prompt, p.tokenizer.chat_template,
                               [ex.as_row() for ex in p.eval_examples])
     log = RunLog(run_dir / runfolder.METRICS)
-    trainer = build_trainer(p.model, p.tokenizer, p.train_rows, p.eval_rows, cfg, run_dir, [log, *callbacks])
+    trainer = build_trainer(p.model, p.tokenizer, p.train_rows, p.eval_rows, cfg, run_dir, [log, *callbacks],
+                            p.checkpointing)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     n = distributed.world_size()
@@ -206,7 +214,8 @@ def finish(family, p, run_dir, checkpoint, trainer, log, result, wall):
     runfolder.write_run_info(run_dir, {
         "family": family.name, "base_model": cfg.model, "lora_targets": p.targets, "dtype": str(p.model.dtype),
         "device": describe_device(), "ddp_backend": distributed.backend(),
-        "padding_free": bool(getattr(trainer, "padding_free", False)), "tokenizer_model_copied": has_spm,
+        "padding_free": bool(getattr(trainer, "padding_free", False)), "gradient_checkpointing": p.checkpointing,
+        "tokenizer_model_copied": has_spm,
         "data": p.data_stats, "summary": summary, "versions": versions(),
         "command": " ".join(sys.argv), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })

@@ -114,8 +114,33 @@ def load_model(source, cfg):
     return model, tokenizer, warning
 
 
-def attach_lora(model, cfg, family):
-    """LoRA on every requested projection that exists; an error listing the real names otherwise."""
+def free_gpu_bytes():
+    """Bytes this process may still take on its GPU (None without one): what the device has free, and
+    no more than a cap set with torch.cuda.set_per_process_memory_fraction leaves."""
+    if not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda i: 1.0)(index)
+    capped = fraction * total - torch.cuda.memory_reserved(index)
+    return int(min(free, capped))
+
+
+def choose_checkpointing(model, cfg):
+    """(choice "unsloth" / "true" / "false", the line that says why) for --gradient-checkpointing,
+    auto weighing a step's activations at their worst (every row at --max-seq-length) against free memory."""
+    from medtune.train.memory import activation_bytes, choose_checkpointing as choose
+
+    need = activation_bytes(model.config, cfg.batch_size * cfg.max_seq_length)
+    return choose(cfg.gradient_checkpointing, need, free_gpu_bytes())
+
+
+UNSLOTH_CHECKPOINTING = {"unsloth": "unsloth", "true": True, "false": False}
+
+
+def attach_lora(model, cfg, family, checkpointing="unsloth"):
+    """LoRA on every requested projection that exists; an error listing the real names otherwise.
+    checkpointing: a choice of choose_checkpointing."""
     requested = cfg.target_modules or list(family.lora_targets)
     available = linear_names(model)
     targets, missing = resolve_lora_targets(requested, available)
@@ -124,12 +149,44 @@ def attach_lora(model, cfg, family):
                         f"Its linear layers are: {', '.join(available)}. Pass some of those with --target-modules.")
     model = FastLanguageModel.get_peft_model(
         model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-        bias="none", use_gradient_checkpointing="unsloth", random_state=cfg.seed,
+        bias="none", use_gradient_checkpointing=UNSLOTH_CHECKPOINTING[checkpointing], random_state=cfg.seed,
     )
     attached = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
     layers = model.config.num_hidden_layers
     assert attached == layers * len(targets), f"LoRA attached to {attached} modules, expected {layers} x {targets}"
+    settle_varlen_probe(model)
     return model, targets
+
+
+def settle_varlen_probe(model):
+    """Run Unsloth's varlen-attention probe now, eagerly, once per process and before any DDP wrapper,
+    for every (dtype, window) a decoder block can ask it about; {key: answer}, {} where it does not apply.
+
+    Unsloth asks the probe while Dynamo traces the first compiled decoder block of the padding-free
+    path, and the probe runs a real forward and backward there. Under torchrun both ranks of a 2 x H200
+    run stopped for good inside that backward (issue 13): a backward started inside a traced forward of
+    a DDP-wrapped model. Its answer is cached per process by exactly these arguments, so asked here
+    first, the traced call reads the cache and runs no backward."""
+    try:
+        from unsloth.utils import hf_packed_attention as packed
+    except ImportError:
+        return {}
+    probe = getattr(packed, "_varlen_in_graph_eager", None)
+    if probe is None or not torch.cuda.is_available():
+        return {}
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    # The block passes the config's sliding window, or None; ask both.
+    windows = {None}
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and not isinstance(window, bool) and window > 0:
+        windows.add(window)
+    device = torch.cuda.current_device()
+    # Both 16-bit types: which one the blocks run in is Unsloth's choice, and a probe costs milliseconds.
+    return {(device, dtype, head_dim, heads, kv_heads, w): probe(device, dtype, head_dim, heads, kv_heads, w)
+            for dtype in (torch.bfloat16, torch.float16) for w in windows}
 
 
 def copy_tokenizer_model(source, dest: Path):

@@ -47,7 +47,7 @@ def describe_device():
     return one if n == 1 else f"{n} processes ({distributed.backend()}), rank 0 on {one}"
 
 
-def build_trainer(model, tokenizer, train_rows, eval_rows, cfg, run_dir, callbacks):
+def build_trainer(model, tokenizer, train_rows, eval_rows, cfg, run_dir, callbacks, checkpointing="unsloth"):
     import torch
     from datasets import Dataset
     from transformers.trainer_callback import ProgressCallback
@@ -65,6 +65,8 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, cfg, run_dir, callbac
         eval_steps=cfg.eval_steps, report_to=cfg.report_to, max_length=cfg.max_seq_length, packing=cfg.packing,
         fp16=on_gpu and model.dtype == torch.float16, bf16=on_gpu and model.dtype == torch.bfloat16,
         include_num_input_tokens_seen="non_padding", dataset_num_proc=1,
+        # TRL turns Hugging Face checkpointing on by default: off when none was chosen.
+        **({"gradient_checkpointing": False} if checkpointing == "false" else {}),
         # Under DDP: every LoRA weight gets a gradient each step, and searching for unused ones breaks
         # reentrant gradient checkpointing ("marked as ready twice").
         ddp_find_unused_parameters=False,
