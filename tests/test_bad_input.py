@@ -130,6 +130,7 @@ def test_think_tags_inside_a_response_are_refused_with_a_count(tmp_path):
     fails(tmp_path, "phi3", "--dataset", both, words=["1 of the 2 rows", "(row 1)", "beyond its one leading"])
 
 
+@pytest.mark.slow  # loads Unsloth (the model loader it replaces)
 @pytest.mark.parametrize("where", ["output-dir", "run-name"])
 def test_output_dir_that_is_a_file_fails_before_the_model_loads(tmp_path, monkeypatch, where):
     from medtune.train import modeling
@@ -150,6 +151,7 @@ def test_output_dir_that_is_a_file_fails_before_the_model_loads(tmp_path, monkey
     assert f"{blocked} is a file, not a folder" in str(e.value) and "--output-dir" in str(e.value)
 
 
+@pytest.mark.slow  # loads Unsloth
 @pytest.mark.parametrize("cache", ["missing", "damaged download", "incomplete tokenizer"])
 def test_smoke_with_a_missing_or_broken_cache_says_how_to_rebuild_it(tmp_path, cache):
     """The offline set-up's own error, from the real CLI: one message and exit 2, never a traceback."""

@@ -356,6 +356,7 @@ def timed_answer(c):
     return time.perf_counter() - started
 
 
+@pytest.mark.browser
 def test_compare_tab_enter_stop_and_layout(random_server, browser):
     """Compare: Ask both above the panels, Enter sends, Stop ends both generations (llama.cpp and transformers)."""
     proc, url = random_server

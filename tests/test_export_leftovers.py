@@ -6,7 +6,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # trains and exports
 
 
 def test_next_export_removes_the_work_folder_of_a_killed_one(smoke_runs, tmp_path, capsys):

@@ -111,6 +111,7 @@ def first_screen_is_ours(out, command):
     return log.read_text()
 
 
+@pytest.mark.slow  # trains and exports
 def test_train_and_export_keep_third_party_noise_in_their_logs(tmp_path):
     r = subprocess.run([sys.executable, "scripts/train_phi.py", "--smoke", "--output-dir", tmp_path, "--max-steps", "2",
                         "--eval-samples", "0"], cwd=REPO, capture_output=True, text=True)

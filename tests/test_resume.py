@@ -8,6 +8,8 @@ from transformers import TrainerCallback
 
 from conftest import train
 
+pytestmark = pytest.mark.slow  # trains
+
 
 class StopAt(TrainerCallback):
     """Stands in for a crash or Ctrl-C part-way through training."""
