@@ -2,11 +2,16 @@
 
     python scripts/bench_demo.py checkpoints/phi3-smoke/export/phi3-smoke-q4_k_m.gguf [--tokens 256 --runs 5]
 
-Both sides measure decoding the same way (tokens after the first, over the time since the first):
-bare in this process, the demo inside its server while a gradio_client streams the answer, as a
-browser would. Runs alternate between the two. Prints both medians and their ratio.
+Three ways to generate the same greedy answer, each measured the same way (tokens after the first,
+over the time since the first): llama.cpp's token loop (`Llama.generate`, the raw speed), llama-cpp-
+python's `create_completion(stream=True)` (what the demo used before), and the demo inside its
+server while a gradio_client streams the answer, as a browser would. Runs alternate. Two questions:
+one whose answer is valid text, and one whose answer (from the random-weight smoke model) holds a
+stray byte that never becomes a UTF-8 character, which is where create_completion's streaming
+slows down: it re-decodes every unsent token after each new one. Prints medians and ratios.
 """
 import argparse
+import itertools
 import os
 import socket
 import statistics
@@ -18,7 +23,10 @@ from pathlib import Path
 from medtune.config import REPO_ROOT
 from medtune.errors import UserError, report_user_errors
 
-QUESTION = "A 58-year-old smoker has crushing chest pain and ST elevation in V1-V4. What is the next step?"
+QUESTIONS = {  # what the random-weight smoke model writes for each: valid text, or a stray byte early on
+    "valid text": "A 24-year-old woman has fever, neck stiffness and a petechial rash. What is the most likely organism?",
+    "stray byte": "Chest pain and ST elevation. What now?",
+}
 
 
 def start_demo(path):
@@ -38,29 +46,40 @@ def start_demo(path):
     raise UserError("The demo did not start listening within 5 minutes.")
 
 
+def speed(chunks):
+    """Tokens after the first over the time since the first, for an iterator of one item per token."""
+    first, n = None, 0
+    for _ in chunks:
+        n += 1
+        first = first or time.perf_counter()
+    return (n - 1) / (time.perf_counter() - first)
+
+
 def measure(path, tokens, runs, system):
-    """Alternate bare and demo answers, so that both see the same machine (a shared VM drifts)."""
+    """{question: {way: [tokens/s per run]}}, the ways alternating so that all see the same machine."""
     from gradio_client import Client
 
     from medtune.demo.backends import GGUFBackend
 
     backend = GGUFBackend(path)  # the demo's own loader: same context size and threads
-    ids = backend.prompt_ids([{"role": "system", "content": system}, {"role": "user", "content": QUESTION}])
     proc, port = start_demo(path)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        bare, demo = [], []
-        for _ in range(runs + 1):  # the first round warms up (pages the model in) and is not counted
-            first, n = None, 0
-            for _ in backend.llm.create_completion(ids, max_tokens=tokens, temperature=0.0, top_p=1.0,
-                                                   repeat_penalty=1.0, stream=True):
-                n += 1
-                first = first or time.perf_counter()
-            bare.append((n - 1) / (time.perf_counter() - first))
-            _, stats = client.predict(QUESTION, [], system, tokens, 0.0, 1.0, 1.0, api_name="/chat")
-            # "**name** (llama.cpp) · time to first token 0.02 s · 289.2 tokens/s · 256 tokens"
-            demo.append(float(stats.split(" tokens/s")[0].rsplit("· ", 1)[1]))
-        return bare[1:], demo[1:]
+        results = {}
+        for name, question in QUESTIONS.items():
+            ids = backend.prompt_ids([{"role": "system", "content": system}, {"role": "user", "content": question}])
+            ways = results[name] = {"raw generate": [], "create_completion stream": [], "demo": []}
+            for _ in range(runs + 1):  # the first round warms up (pages the model in) and is not counted
+                raw = backend.llm.generate(ids, temp=0.0, top_k=40, min_p=0.05, repeat_penalty=1.0)
+                ways["raw generate"].append(speed(itertools.islice(raw, tokens)))
+                ways["create_completion stream"].append(speed(backend.llm.create_completion(
+                    ids, max_tokens=tokens, temperature=0.0, top_p=1.0, repeat_penalty=1.0, stream=True)))
+                _, stats = client.predict(question, [], system, tokens, 0.0, 1.0, 1.0, api_name="/chat")
+                # "**name** (llama.cpp) · time to first token 0.02 s · 289.2 tokens/s · 256 tokens"
+                ways["demo"].append(float(stats.split(" tokens/s")[0].rsplit("· ", 1)[1]))
+            for k in ways:
+                ways[k] = ways[k][1:]
+        return results
     finally:
         proc.terminate()
         proc.wait()
@@ -76,12 +95,15 @@ def main():
     if not Path(args.gguf).is_file() or not args.gguf.endswith(".gguf"):
         raise UserError(f"{args.gguf} is not a .gguf file. Export a run first: python scripts/export.py checkpoints/NAME")
     system = (REPO_ROOT / "prompts/system_prompt.txt").read_text().strip()
-    bare_speeds, demo_speeds = measure(args.gguf, args.tokens, args.runs, system)
-    b, d = statistics.median(bare_speeds), statistics.median(demo_speeds)
+    results = measure(args.gguf, args.tokens, args.runs, system)
     print(f"{Path(args.gguf).name}, {os.cpu_count()} threads, greedy, up to {args.tokens} tokens, {args.runs} runs each")
-    print(f"  bare llama-cpp-python: {b:8.1f} tokens/s  (runs: {', '.join(f'{x:.1f}' for x in bare_speeds)})")
-    print(f"  through the demo:      {d:8.1f} tokens/s  (runs: {', '.join(f'{x:.1f}' for x in demo_speeds)})")
-    print(f"  demo / bare: {d / b:.3f}")
+    for name, ways in results.items():
+        medians = {k: statistics.median(v) for k, v in ways.items()}
+        print(f"{name}: {QUESTIONS[name]}")
+        for k, v in ways.items():
+            print(f"  {k:26s} {medians[k]:8.1f} tokens/s  (runs: {', '.join(f'{x:.1f}' for x in v)})")
+        print(f"  demo / raw generate: {medians['demo'] / medians['raw generate']:.3f}; create_completion stream / raw "
+              f"generate: {medians['create_completion stream'] / medians['raw generate']:.3f}")
 
 
 if __name__ == "__main__":

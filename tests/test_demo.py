@@ -61,30 +61,53 @@ def free_port():
         return s.getsockname()[1]
 
 
+def serve(log_path, *args):
+    """Start scripts/demo.py on a free loopback port; yield (process, url) once it listens."""
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "scripts/demo.py", *map(str, args), "--port", str(port)], cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert proc.poll() is None, Path(log_path).read_text()[-3000:]
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the demo did not start listening within 300 s")
+        yield proc, url
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def server(answering_exports):
     answering_export, other = answering_exports
-    port = free_port()
-    log = open(answering_export.parent / "demo.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "scripts/demo.py", answering_export / "answers-q8_0.gguf", "--compare",
-         other / "merged", "--port", str(port), "--temperature", "0", "--max-new-tokens", "48"],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        assert proc.poll() is None, (answering_export.parent / "demo.log").read_text()[-3000:]
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        pytest.fail("the demo did not start listening within 180 s")
-    yield proc, url
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    yield from serve(answering_export.parent / "demo.log", answering_export / "answers-q8_0.gguf", "--compare",
+                     other / "merged", "--temperature", "0", "--max-new-tokens", "48")
+
+
+@pytest.fixture(scope="module")
+def random_export(smoke_runs, tmp_path_factory):
+    """The quickstart's random-weight Phi-3, exported: it writes 2048 tokens of noise, stray bytes included."""
+    import shutil
+
+    from medtune.export.cli import export, parse_args
+
+    run = tmp_path_factory.mktemp("random") / "phi3-smoke"
+    shutil.copytree(smoke_runs("phi3"), run, ignore=shutil.ignore_patterns("checkpoint-*", "export"))
+    export(parse_args([str(run), "--no-verify"]))
+    return run / "export"
+
+
+@pytest.fixture(scope="module")
+def random_server(random_export):
+    yield from serve(random_export.parent / "demo.log", random_export / "phi3-smoke-q4_k_m.gguf", "--compare",
+                     random_export / "merged", "--temperature", "0", "--max-new-tokens", "2048")
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +271,119 @@ def test_a_run_folder_without_export_answers_through_its_adapter(answering_expor
     stats = Stats()
     text = "".join(backend.stream(messages, Settings(48, 0.0, 1.0, 1.0), stats))
     assert text.strip() == f"<think>\n{reasoning}\n</think>\n{answer}" and stats.tokens > 0
+
+
+def test_port_in_use_is_one_clear_error_before_serving(answering_export):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "scripts/demo.py", answering_export / "answers-q8_0.gguf", "--port",
+                            str(port)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "Serving" not in r.stdout, r.stdout + r.stderr
+    said = " ".join(r.stderr.split())
+    assert f"Port {port} on 127.0.0.1 is already in use" in said and f"--port {port + 1}" in said
+    assert said.count("error:") == 1
+
+
+def test_chat_stats_count_the_tokens_generated(server, answering_export):
+    """A 16-token limit shows 16 tokens (not 17), and both backends count an answer that ends by itself alike."""
+    from medtune.demo.backends import GGUFBackend, Settings, Stats, TransformersBackend
+
+    question = next(iter(QUESTIONS))
+    _, stats = client(server[1]).predict(question, [], SETTINGS[0], 16, 0.0, 0.9, 1.0, api_name="/chat")
+    assert stats.endswith("· 16 tokens"), stats
+    messages = [{"role": "system", "content": SETTINGS[0]}, {"role": "user", "content": question}]
+    counted = {}
+    for backend in (GGUFBackend(answering_export / "answers-q8_0.gguf"),
+                    TransformersBackend.from_folder(answering_export / "merged")):
+        s = Stats()
+        text = "".join(backend.stream(messages, Settings(48, 0.0, 1.0, 1.0), s))
+        assert QUESTIONS[question][1] in text
+        counted[backend.kind] = s.tokens
+    assert counted["llama.cpp"] == counted["transformers"] < 48, counted
+
+
+STRAY_BYTES_QUESTION = "Chest pain and ST elevation. What now?"  # the random model answers it with a lone byte
+
+
+def test_llama_cpp_stream_decodes_each_token_once_whatever_the_bytes(random_export):
+    """create_completion(stream=True) re-decoded every unsent token after each new one while they were not
+    valid UTF-8: one stray byte made each later token cost more (minutes for 512 tokens; see
+    scripts/bench_demo.py). The demo decodes each token's bytes once and streams the same text."""
+    import threading
+
+    from medtune.demo.backends import GGUFBackend, Settings
+
+    backend = GGUFBackend(random_export / "phi3-smoke-q4_k_m.gguf")
+    messages = [{"role": "system", "content": SETTINGS[0]}, {"role": "user", "content": STRAY_BYTES_QUESTION}]
+    tokens = []
+    for t in backend.llm.generate(backend.prompt_ids(messages), temp=0.0, top_k=40, min_p=0.05, repeat_penalty=1.0):
+        if t in backend.end_tokens or len(tokens) == 256:
+            break
+        tokens.append(t)
+    raw = b"".join(backend.llm.detokenize([t]) for t in tokens)
+    with pytest.raises(UnicodeDecodeError):
+        raw.decode("utf-8")  # the case at hand: bytes that never become a character
+
+    real, calls = backend.llm.detokenize, []
+    backend.llm.detokenize = lambda *a, **k: calls.append(1) or real(*a, **k)
+    pieces = list(backend._stream(messages, Settings(256, 0.0, 1.0, 1.0), threading.Event()))
+    assert pieces[-1][1] == len(tokens) and len(calls) == len(tokens)  # one decode per token, no re-decoding
+    assert "".join(p for p, _ in pieces) == raw.decode("utf-8", errors="ignore")
+
+
+def test_stop_ends_the_generation_and_the_next_question_is_served_at_once(random_server):
+    """A cancelled /chat (what Stop sends) ends llama.cpp's 2048-token generation, so the next request is
+    answered within a second instead of waiting for it."""
+    c = client(random_server[1])
+    idle = timed_answer(c)  # what the next question takes on an idle server (a loaded 2-core VM: up to ~1 s)
+    job = c.submit(STRAY_BYTES_QUESTION, [], SETTINGS[0], 2048, 0.0, 1.0, 1.0, api_name="/chat")
+    deadline = time.time() + 120
+    while len(job.outputs()) < 3:  # streaming
+        assert time.time() < deadline and not job.done(), "the answer never started streaming"
+        time.sleep(0.05)
+    assert not job.done()
+    job.cancel()
+    waited = timed_answer(c)
+    assert waited - idle < 1.0, f"the next question was answered after {waited:.1f} s ({idle:.1f} s when idle)"
+
+
+def timed_answer(c):
+    """Seconds until /ask answers a 16-token question."""
+    started = time.perf_counter()
+    assert c.predict("Fever and neck stiffness. What now?", SETTINGS[0], 16, 0.0, 1.0, 1.0, api_name="/ask")
+    return time.perf_counter() - started
+
+
+@pytest.mark.browser
+def test_compare_tab_enter_stop_and_layout(random_server, browser):
+    """Compare: Ask both above the panels, Enter sends, Stop ends both generations (llama.cpp and transformers)."""
+    proc, url = random_server
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(url)
+    idle = timed_answer(client(url))
+    page.get_by_role("tab", name="Compare").click()
+    send, panel = page.locator("#compare-send").bounding_box(), page.locator("#compare-0").bounding_box()
+    assert send["y"] + send["height"] <= panel["y"] and send["y"] < 900  # in view, above the 480 px panels
+    box = page.locator("#compare-question textarea")
+    box.fill(STRAY_BYTES_QUESTION)
+    box.press("Enter")
+    for i in (0, 1):
+        page.locator(f"#compare-{i} [data-testid=bot]").first.wait_for(timeout=120_000)  # both stream
+    page.locator("#compare-stop").click()
+    assert timed_answer(client(url)) - idle < 1.5  # the click travels through the browser first
+    server = psutil.Process(proc.pid)
+    server.cpu_percent()
+    time.sleep(2)
+    assert server.cpu_percent() < 25, "a generation is still running after Stop"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "demo-compare-stopped.png", full_page=True)
+    page.close()
+
+
+def test_first_screen_of_the_demo_is_ours(server, answering_export):
+    shown = (answering_export.parent / "demo.log").read_text()
+    assert "To create a public link" not in shown and "Failed to load" not in shown and "_pytree" not in shown, shown
+    assert "Serving answers-q8_0.gguf and answers-b/merged: local URL http://127.0.0.1:" in shown
+    assert "Third-party messages: " in shown and "demo.log (--verbose shows them here)" in shown

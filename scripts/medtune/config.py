@@ -84,6 +84,7 @@ class TrainConfig:
     output_dir: str = _f("checkpoints", "Folder holding run folders.")
     overwrite: bool = _f(False, "Replace an existing run folder of the same name.")
     resume: bool = _f(False, "Continue the run folder's newest trainer checkpoint, at the same step and data order.")
+    verbose: bool = _f(False, "Show third-party warnings and tool output on the screen instead of in the log file the summary names.")
     smoke: bool = _f(False, "Offline quickstart: a tiny random-weight model with the real tokenizer, the bundled sample, a few steps.")
 
 
@@ -95,8 +96,8 @@ SMOKE_DEFAULTS = dict(
 )
 # Options that may differ from the saved config when resuming: they don't change what was trained so far.
 RESUMABLE_CHANGES = {"max_steps", "epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                     "report_to", "resume", "overwrite", "gradient_checkpointing", "hang_timeout"}
-NOT_SAVED = {"resume", "overwrite"}
+                     "report_to", "resume", "overwrite", "gradient_checkpointing", "hang_timeout", "verbose"}
+NOT_SAVED = {"resume", "overwrite", "verbose"}
 
 
 def _base_type(tp):
@@ -157,8 +158,9 @@ def build_parser(prog, description):
             p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                            help=meta["help"] + default)
         else:
-            p.add_argument(_flag(f.name), dest=f.name, metavar=f.name.upper(), choices=meta.get("choices"),
-                           help=meta["help"] + default)
+            # choices are checked by validate(), in one line, not by argparse with the whole usage
+            one_of = f" One of: {', '.join(meta['choices'])}." if meta.get("choices") else ""
+            p.add_argument(_flag(f.name), dest=f.name, metavar=f.name.upper(), help=meta["help"] + one_of + default)
     return p
 
 

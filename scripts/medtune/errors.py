@@ -39,7 +39,8 @@ def report_user_errors(fn):
             return fn(*args, **kwargs)
         except UserError as e:
             if distributed.is_main() or e.rank_specific:
-                msg = "\n".join(textwrap.fill(p, 100) for p in str(e).split("\n"))
+                msg = "\n".join(textwrap.fill(p, 100, break_on_hyphens=False, break_long_words=False)  # keep --flag-names whole
+                                for p in str(e).split("\n"))
                 print(f"\nerror: {msg}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:

@@ -37,6 +37,7 @@ if not __package__:  # run as a file: its own folder is on sys.path, the package
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from medtune.config import REPO_ROOT  # noqa: E402
+from medtune.cache_checks import OfflineSetupError, check_tokenizer_dir, damaged_download  # noqa: E402
 from medtune.fileio import atomic_dir, write_text_atomic  # noqa: E402
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -60,10 +61,6 @@ _LLAMA_CPP_TREES = ("conversion/", "gguf-py/", "requirements/")
 # then pads the list with [PADnnnnn] rows up to the embedding size 32064.
 _PHI3_SPM_PIECES = 32000
 _MISTRAL_MAX_LENGTH = 32768  # Mistral-7B-Instruct-v0.2's context length; the wheel does not record it.
-
-
-class OfflineSetupError(RuntimeError):
-    """A source of the offline tokenizers could not be downloaded."""
 
 
 def cache_dir() -> Path:
@@ -119,11 +116,11 @@ def llama_cpp_dir() -> Path:
                 yield member
 
     sdist = llama_cpp_sdist()
-    with atomic_dir(target) as tmp, tarfile.open(sdist) as tar:
+    with damaged_download(sdist), atomic_dir(target) as tmp, tarfile.open(sdist) as tar:
         tar.extractall(tmp, members=wanted(tar), filter="data")
         missing = [name for name in _LLAMA_CPP_FILES if not (tmp / name).is_file()]
         if missing:
-            raise FileNotFoundError(f"{sdist} has no vendor/llama.cpp/{', '.join(missing)}")
+            raise tarfile.TarError(f"it has no vendor/llama.cpp/{', '.join(missing)}")
     return target
 
 
@@ -135,6 +132,7 @@ def tokenizer_dir(family: str) -> Path:
     if not target.is_dir():
         with atomic_dir(target) as tmp:
             BUILDERS[family](tmp)
+    check_tokenizer_dir(target, family)
     # The chat template is the repo's file, which can change after the build: keep the cached copy current.
     template = _chat_template(family)
     cached = target / "chat_template.jinja"
@@ -218,7 +216,7 @@ def _build_mistral(out: Path) -> None:
         f"mistral-common=={MISTRAL_COMMON_VERSION}",
         "--only-binary", ":all:",
     )
-    with zipfile.ZipFile(wheel) as zf:
+    with damaged_download(wheel), zipfile.ZipFile(wheel) as zf:
         proto = spm_pb2.ModelProto.FromString(zf.read("mistral_common/data/tokenizer.model.v1"))
     spec = proto.trainer_spec
     added = {i: AddedToken(proto.pieces[i].piece, special=True, normalized=False)

@@ -128,7 +128,7 @@ def summary_table(runs):
             ("better instruction following", "unparseable final answers",
              *per_run(stat("unparseable", ".1f", 100, "%"))),
             ("concise", "verbosity: median response length (tokens)", *per_run(stat("median_tokens", ",.0f")))]
-    return _table(["seed table said", "measured as", *[r.label for r in runs]], rows)
+    return _table(["claim", "measured as", *[r.label for r in runs]], rows)
 
 
 def training_table(runs):

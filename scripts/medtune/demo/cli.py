@@ -1,13 +1,18 @@
 """Gradio demo: chat with an exported or trained model, its reasoning shown apart from its answer,
-or compare two models side by side. The module behind scripts/demo.py.
+or compare two models side by side.
+
+The module behind scripts/demo.py:
 
     python scripts/demo.py checkpoints/phi3-medical                       # export (GGUF) or LoRA run
     python scripts/demo.py model.gguf --compare checkpoints/mistral-medical/export/merged
     python scripts/demo.py checkpoints/phi3-medical --share --auth me:secret    # Colab
 """
 import argparse
+import errno
+import socket
 import sys
 
+from medtune import noise
 from medtune.demo.backends import BACKENDS, Settings, Stats, load
 from medtune.errors import UserError, parse_options, report_user_errors
 
@@ -139,10 +144,15 @@ def chat_tab(backend, settings):
 
 
 def compare_tab(backends, generation):
-    """Both models answer one question side by side, each with the system prompt it was trained with."""
+    """Both models answer one question side by side, each with the system prompt it was trained with;
+    the question box, Ask both and Stop above the panels, Enter sends."""
     import gradio as gr
 
-    question = gr.Textbox(placeholder="One question for both models …", show_label=False, elem_id="compare-question")
+    with gr.Row():
+        question = gr.Textbox(placeholder="One question for both models …", show_label=False, scale=8,
+                              elem_id="compare-question", max_lines=8)
+        send = gr.Button("Ask both", variant="primary", scale=1, elem_id="compare-send")
+        stop = gr.Button("Stop", variant="stop", scale=1, elem_id="compare-stop")
     with gr.Row():
         columns = []
         for i, b in enumerate(backends):
@@ -152,12 +162,15 @@ def compare_tab(backends, generation):
                                 gr.Markdown(elem_id=f"compare-stats-{i}"),
                                 gr.Textbox(b.system_prompt, label=f"System prompt of {b.name}", lines=2,
                                            elem_id=f"compare-system-{i}")))
-    send = gr.Button("Ask both", variant="primary", elem_id="compare-send")
+    events = []
     for i, (b, (box, note, system)) in enumerate(zip(backends, columns)):
         def one(q, *s, backend=b):
             yield from respond(backend, q, [], *s)
 
-        send.click(one, [question, system, *generation], [box, note], concurrency_id=f"model-{i}", api_name=False)
+        for trigger in (send.click, question.submit):
+            events.append(trigger(one, [question, system, *generation], [box, note], concurrency_id=f"model-{i}",
+                                  api_name=False))
+    stop.click(None, None, None, cancels=events, api_name=False)
 
 
 def build(backends, defaults):
@@ -205,6 +218,8 @@ def parse_args(argv):
     p.add_argument("--concurrency", type=int, default=1,
                    help="generations at once per model (default 1: others wait in the queue)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait before new ones are refused")
+    p.add_argument("--verbose", action="store_true",
+                   help="show other libraries' warnings and Gradio's own start-up lines instead of keeping them in the log")
     args = parse_options(p, argv)
     if args.auth and ":" not in args.auth:
         raise UserError("--auth takes USER:PASS, e.g. --auth clinician:s3cret.")
@@ -213,15 +228,38 @@ def parse_args(argv):
     return args
 
 
+def check_port(host, port):
+    """Fail before the models load, and before "Serving ...", if the address can't be listened on."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no obstacle
+            s.bind(address)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"Port {port} on {host} is already in use, perhaps by another demo (`ss -ltnp "
+                            f"'sport = :{port}'` names the program). Stop that program, or pass another port, "
+                            f"e.g. --port {port + 1}.") from None
+        raise UserError(f"Can't listen on {host}:{port} ({e.strerror or e}). Check --host and --port.") from None
+
+
 @report_user_errors
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    noise.divert("demo", args.verbose)
+    check_port(args.host, args.port)
     backends = [load(args.model, args.backend, args.n_ctx)]
     if args.compare:
         backends.append(load(args.compare, "auto", args.n_ctx))
     demo = build(backends, Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature))
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    print(f"Serving {' and '.join(b.name for b in backends)} on http://{args.host}:{args.port}"
-          f"{' (and a public share link)' if args.share else ''}. Ctrl-C stops it.", flush=True)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, show_error=True)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, show_error=True,
+                    prevent_thread_lock=True, quiet=not args.verbose)  # our line below says where
+    except OSError as e:  # taken between the check and now
+        raise UserError(f"The demo could not listen on {args.host}:{args.port} ({e}). Pass another --port.") from None
+    public = f", public URL {demo.share_url}" if args.share and demo.share_url else ""
+    print(f"Serving {' and '.join(b.name for b in backends)}: local URL http://{args.host}:{args.port}{public}. "
+          f"Ctrl-C stops it.{' ' + noise.where() if noise.where() else ''}", flush=True)
+    demo.block_thread()

@@ -1,6 +1,7 @@
 """Export a run folder: LoRA merged into the 16-bit base (safetensors), GGUF files for llama.cpp and
-Ollama, a Modelfile, and checks that each file computes the fine-tuned model. The module behind
-scripts/export.py.
+Ollama, a Modelfile, and checks that each file computes the fine-tuned model.
+
+The module behind scripts/export.py:
 
     python scripts/export.py checkpoints/phi3-smoke                      # q4_k_m GGUF + merged model
     python scripts/export.py checkpoints/phi3-medical --quant q4_k_m,q8_0,f16 --overwrite
@@ -13,7 +14,9 @@ import shutil
 import sys
 import time
 
+from medtune import noise
 from medtune.errors import UserError, parse_options, report_user_errors
+from medtune.export import workdir
 from medtune.runfolder import EXPORT, FOR_EXPORT, open_run
 
 
@@ -34,6 +37,8 @@ def parse_args(argv):
     p.add_argument("--push", choices=("all", "merged", "gguf"), default="all",
                    help="what --push-to-hub uploads (default: all)")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    p.add_argument("--verbose", action="store_true",
+                   help="show llama.cpp's and other libraries' output instead of keeping it in the log file")
     args = parse_options(p, argv)
     quants = [q.strip().lower() for q in args.quant.split(",") if q.strip()]
     bad = [q for q in quants if q not in QUANT_TYPES]
@@ -104,10 +109,14 @@ def write_generation_config(merged_dir, tokenizer, family):
 def export(args):
     """Everything but the CLI wrapper."""
     from medtune.export import gguf as gguf_export
-    from medtune.export import merge
+    from medtune.export import merge, modelfile
     from medtune.export.verify import sample_answer
 
     run = open_run(args.run, FOR_EXPORT)
+    workdir.clean_up_killed_exports(run.path)
+    if problem := modelfile.quoting_problem(run.system_prompt()):  # a run trained before training checked this
+        raise UserError(f"The run's system prompt ({run.path / 'system_prompt.txt'}) can't go into an Ollama "
+                        f"Modelfile: {problem}. Edit that file, then export again.")
     final = run.path / EXPORT
     if final.exists() and not args.overwrite:
         raise UserError(f"{final} already exists. Add --overwrite to replace it.")
@@ -145,6 +154,8 @@ def export(args):
     if args.push_to_hub:
         stages.run("push", push, final, args)
     print(f"Wrote {final}/ (report: {final / 'report.json'}).")
+    if noise.where():
+        print(noise.where())
     return final, report
 
 
@@ -176,7 +187,7 @@ def write_files(run, args, source, tmp, stages):
         if q in ("bf16", "q8_0"):
             stages.run(f"gguf {q}", gguf_export.convert, merged, ggufs[q], q, model_name)
         elif q != "f16":
-            stages.run(f"quantize {q}", gguf_export.quantize, f16, ggufs[q], q)
+            stages.run(f"quantize {q}", noise.quietly(gguf_export.quantize), f16, ggufs[q], q)
     system_prompt = run.system_prompt()
     ollama_from = ggufs.get("q4_k_m") or min(ggufs.values(), key=lambda p: p.stat().st_size)
     (tmp / "Modelfile").write_text(modelfile.modelfile(family, ollama_from.name, system_prompt))
@@ -185,6 +196,8 @@ def write_files(run, args, source, tmp, stages):
         checks = stages.run("verify", verify, run.path, source, merged, f16, ggufs, family, tokenizer, system_prompt)
     if "f16" not in args.quants:
         f16.unlink()
+        for c in checks:  # the table names what is kept
+            c["file"] = c["file"].replace(f16.name, "f16 GGUF (intermediate, not kept)")
     return tokenizer, ollama_from, checks
 
 
@@ -210,9 +223,12 @@ def publish(run, tmp, final, report):
 
 
 def print_checks(checks):
-    print(f"\n{'file':34s} {'check':34s} {'value':>12s} {'limit':>10s}  ok")
-    for c in checks:
-        print(f"{c['file']:34s} {c['check']:34s} {c['value']:>12} {c['limit']:>10}  {'yes' if c['ok'] else 'NO'}")
+    rows = [("file", "check", "value", "limit", "ok")]
+    rows += [(c["file"], c["check"], str(c["value"]), str(c["limit"]), "yes" if c["ok"] else "NO") for c in checks]
+    width = [max(len(r[i]) for r in rows) for i in range(5)]
+    print()
+    for r in rows:
+        print(f"{r[0]:{width[0]}s}  {r[1]:{width[1]}s}  {r[2]:>{width[2]}s}  {r[3]:>{width[3]}s}  {r[4]}")
 
 
 def print_report(final, report):
@@ -238,4 +254,6 @@ def push(final, args):
 
 @report_user_errors
 def main(argv=None):
-    export(parse_args(sys.argv[1:] if argv is None else argv))
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    noise.divert("export", args.verbose)
+    export(args)

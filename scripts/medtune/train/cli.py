@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from medtune import distributed, runfolder
+from medtune import distributed, noise, runfolder
 from medtune.config import default_max_steps, effective_batch, parse_config, to_dict
 from medtune.errors import UserError, report_user_errors
 from medtune.families import FAMILIES
 from medtune.fileio import read_jsonl
-from medtune.train.resume import check_world_size, newest_checkpoint, resume_config
+from medtune.train.resume import (check_run_dir_path, check_world_size, match_adapter_dtype, newest_checkpoint,
+                                  nothing_left, resume_config, whole_run_loss_mean)
 from medtune.train.trainer import build_trainer, describe_device, out_of_memory_message, read_system_prompt, versions
 
 
@@ -53,7 +54,12 @@ def run(family_name, argv=None, callbacks=()):
     cfg, given = parse_config(sys.argv[1:] if argv is None else argv, family_name, script,
                               f"Fine-tune {family.title} for medical step-by-step reasoning (Unsloth 4-bit LoRA + TRL).")
     run_dir = Path(cfg.output_dir).expanduser() / cfg.run_name
+    noise.divert("train" if distributed.is_main() else f"train-rank{distributed.rank()}", cfg.verbose)
+    check_run_dir_path(run_dir)
     cfg, checkpoint = check_run_dir(run_dir, cfg, given, script)
+    if checkpoint and (done := nothing_left(run_dir, checkpoint, cfg)):
+        say(done)
+        return run_dir
     if cfg.max_steps is None and cfg.epochs is None:
         cfg = dataclasses.replace(cfg, max_steps=default_max_steps(cfg, distributed.world_size()))
     prepared = prepare(family, cfg)
@@ -118,6 +124,7 @@ def prepare(family, cfg):
     examples = to_examples(load_rows(cfg), cfg.dataset)
     distributed.start()
     from medtune.train import modeling  # imports Unsloth (slow), after the cheap checks
+    from medtune.train.reporting import describe_data
 
     if cfg.smoke and not cfg.model:
         cfg = dataclasses.replace(cfg, model=str(modeling.tiny_model_dir(family)))
@@ -135,10 +142,7 @@ def prepare(family, cfg):
         raise UserError(f"Every one of the {train_stats['rows']} training rows is longer than --max-seq-length "
                         f"{cfg.max_seq_length} tokens (the shortest has {train_stats['shortest']}). Raise "
                         f"--max-seq-length to at least {train_stats['shortest']}, or pass --truncate to cut rows.")
-    verb = "cut to fit" if cfg.truncate else "dropped"
-    say(f"Data: {train_stats['kept']} training rows, {eval_stats['kept']} held out; {train_stats['too_long']} "
-        f"+ {eval_stats['too_long']} longer than {cfg.max_seq_length} tokens {verb}; mean "
-        f"{train_stats['mean_tokens']} tokens per row.")
+    say(describe_data(train_stats, eval_stats, cfg))
     checkpointing, why = modeling.choose_checkpointing(model, cfg)
     say(why)
     model, targets = modeling.attach_lora(model, cfg, family, checkpointing)
@@ -182,6 +186,8 @@ def finish(family, p, run_dir, checkpoint, trainer, log, result, wall):
 
     cfg = p.cfg
     p.model.save_pretrained(run_dir)
+    if checkpoint:
+        match_adapter_dtype(run_dir, checkpoint)
     p.tokenizer.save_pretrained(run_dir)
     has_spm = copy_tokenizer_model(cfg.model, run_dir)
     records = read_jsonl(run_dir / runfolder.METRICS, missing_ok=True)
@@ -192,8 +198,9 @@ def finish(family, p, run_dir, checkpoint, trainer, log, result, wall):
     n = distributed.world_size()
     gpu = torch.cuda.is_available()
     summary = {
-        "steps": trainer.state.global_step, "wall_time_s": round(wall, 1),
-        "train_loss": losses[-1] if losses else None, "train_loss_mean": result.training_loss,
+        "steps": trainer.state.global_step, "wall_time_s": round(log.time_offset + wall, 1),  # every session's
+        "train_loss": losses[-1] if losses else None,
+        "train_loss_mean": whole_run_loss_mean(records, result.training_loss, trainer.state.global_step, checkpoint),
         "eval_loss": eval_losses[-1] if eval_losses else None,
         "trained_tokens": trainer.state.num_input_tokens_seen,
         "tokens_per_s": round(speed["tokens_per_s"], 1) if speed else None,
@@ -225,8 +232,11 @@ def print_summary(run_dir, s):
           f"process{'es' * (s['world_size'] > 1)} in {s['wall_time_s']:.0f} s"
           f"{' (resumed from ' + s['resumed_from'] + ')' if s['resumed_from'] else ''}.")
     print(f"  train loss {fmt(s['train_loss'], '.4f')} (last logged), eval loss {fmt(s['eval_loss'], '.4f')}")
-    print(f"  trained tokens/s {fmt(s['tokens_per_s'], ',.0f')} (steady state, steps {s['steady_state_steps']}); "
-          f"{fmt(s['s_per_step'], '.3f')} s/step")
+    if s["tokens_per_s"] is None:
+        print("  trained tokens/s n/a (too few steps for a steady state)")
+    else:
+        print(f"  trained tokens/s {s['tokens_per_s']:,.0f} (steady state, steps {s['steady_state_steps']}); "
+              f"{s['s_per_step']:.3f} s/step")
     print(f"  peak GPU memory{' (rank 0)' * (s['world_size'] > 1)}: {mem}")
     print(f"Wrote {run_dir}/:")
     for name, what in runfolder.FILES.items():
@@ -235,6 +245,8 @@ def print_summary(run_dir, s):
     ckpts = sorted(p.name for p in runfolder.checkpoints(run_dir))
     if ckpts:
         print(f"  {', '.join(ckpts):28s} trainer checkpoints (--resume)")
+    if noise.where():
+        print(noise.where())
 
 
 @report_user_errors

@@ -45,7 +45,7 @@ def read_local(path: Path):
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise UserError(f"{path} line {n} is not valid JSON ({e.msg} at column {e.colno}). "
+                        raise UserError(f"{path} line {n} is not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno}). "
                                         "Each line of a .jsonl file must be one JSON object; fix or remove that line.") from None
                     if not isinstance(row, dict):
                         raise UserError(f"{path} line {n} is a JSON {type(row).__name__}, not an object. Each line of a "
@@ -64,13 +64,7 @@ def read_local(path: Path):
                                 ("" if not isinstance(data, list) else " with items that are not objects") + ".")
             return data
         if suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as f:
-                reader = csv.DictReader(f)
-                try:
-                    return [dict(r) for r in reader]
-                except csv.Error as e:
-                    raise UserError(f"{path} is not a readable CSV file (line {reader.line_num}: {e}). "
-                                    "Save it as comma-separated UTF-8 with a header row.") from None
+            return _read_csv(path)
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -83,6 +77,33 @@ def read_local(path: Path):
     except OSError as e:
         raise UserError(f"Can't read {path}: {e.strerror}. Check the path and its permissions.") from None
     raise AssertionError(suffix)
+
+
+def _read_csv(path):
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = []
+        try:
+            _check_separator(path, reader.fieldnames or [])
+            for row in reader:
+                if None in row:  # DictReader files the fields beyond the header under the key None
+                    raise UserError(f"{path} line {reader.line_num} has {len(reader.fieldnames) + len(row[None])} "
+                                    f"fields but the header has {len(reader.fieldnames)} "
+                                    f"({', '.join(reader.fieldnames)}). Put double quotes around text that contains "
+                                    'commas ("like, this"), or convert the file to .jsonl.')
+                rows.append(row)
+        except csv.Error as e:
+            raise UserError(f"{path} is not a readable CSV file (line {reader.line_num}: {e}). "
+                            "Save it as comma-separated UTF-8 with a header row.") from None
+    return rows
+
+
+def _check_separator(path, header):
+    for sep, name in ((";", "semicolon"), ("\t", "tab")):
+        if len(header) == 1 and sep in header[0]:
+            raise UserError(f"{path} looks {name}-separated: its header line is the single column {header[0]!r}. "
+                            "A .csv dataset must be comma-separated: save it again as comma-separated UTF-8 "
+                            "(in Excel: CSV UTF-8), or convert it to .jsonl.")
 
 
 def _load_hub(name, config, split):
@@ -134,7 +155,7 @@ def to_examples(rows, source):
     else:
         missing = [c for c in MEDICAL_O1 if c not in columns]
         raise UserError(f"The dataset {source} lacks the required column(s) {', '.join(missing)}; it has "
-                        f"{', '.join(sorted(columns)) or 'no columns'}. Rows need Question, Complex_CoT and Response "
+                        f"{', '.join(sorted(map(str, columns))) or 'no columns'}. Rows need Question, Complex_CoT and Response "
                         "(the medical-o1-reasoning-SFT columns), or instruction, optional input, and output with "
                         "the reasoning inside <think>...</think>. Rename the columns and run again.")
     examples = []
@@ -154,7 +175,23 @@ def to_examples(rows, source):
             m = THINK.match(values[1])
             r, a = (m.group(1).strip(), m.group(2).strip()) if m else ("", values[1].strip())
         examples.append(Example(q, r, a))
+    _check_no_think_tags(examples, source, shape)
     return examples
+
+
+def _check_no_think_tags(examples, source, shape):
+    """The target wraps the reasoning in one <think> block itself: a tag inside a cell would teach the
+    model to write two reasoning blocks, or one that never closes."""
+    tagged = [n for n, ex in enumerate(examples, 1) if any(t in ex.reasoning + ex.answer for t in ("<think>", "</think>"))]
+    if not tagged:
+        return
+    where = ("Complex_CoT or Response (the reasoning belongs in Complex_CoT, without tags, and only the answer in "
+             "Response)" if shape == MEDICAL_O1 else
+             "output beyond its one leading <think>...</think> block")
+    shown = ", ".join(map(str, tagged[:10])) + (", ..." if len(tagged) > 10 else "")
+    raise UserError(f"{len(tagged)} of the {len(examples)} rows of {source} (row {shown}) hold <think> or </think> "
+                    f"inside {where}. Training adds the one <think>...</think> block itself, so these rows would teach "
+                    "the model to write a second reasoning block. Remove those tags from the rows, or drop the rows.")
 
 
 def messages(example, system_prompt):

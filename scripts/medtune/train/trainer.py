@@ -17,6 +17,11 @@ def read_system_prompt(cfg):
     if not path.is_file() or not path.read_text().strip():
         raise UserError(f"The system prompt file {cfg.system_prompt_file} is missing or empty. Point "
                         "--system-prompt-file at a text file (the default is prompts/system_prompt.txt).")
+    from medtune.export.modelfile import quoting_problem
+
+    if problem := quoting_problem(path.read_text().strip()):  # refused now, not after a long run and its export
+        raise UserError(f"The system prompt in {cfg.system_prompt_file} can't go into the Ollama Modelfile that "
+                        f"export writes: {problem}.")
     return path.read_text().strip()
 
 
