@@ -46,11 +46,11 @@ def test_template_renders_gemma_turns_and_masks_only_the_answer():
     from transformers import AutoTokenizer
 
     from medtune.offline_tokenizers import tokenizer_dir
-    from medtune.train.data import IGNORE_INDEX, Example, assistant_labels, render
+    from medtune.train.data import IGNORE_INDEX, Example, assistant_labels, conversation_texts
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir("gemma3"))
     GEMMA.prepare_tokenizer(tokenizer)
-    prompt, full = render(tokenizer, Example("Q?", "R.", "A."), "S.")
+    prompt, full = conversation_texts(tokenizer, Example("Q?", "R.", "A."), "S.")
     assert full == ("<bos><start_of_turn>user\nS.\n\nQ?<end_of_turn>\n<start_of_turn>model\n"
                     "<think>\nR.\n</think>\nA.<end_of_turn>\n")
     assert prompt == full[: full.index("<think>")]
@@ -74,33 +74,29 @@ def test_lora_targets_are_real_gemma3_modules(base):
 
 def test_unknown_family_or_architecture_lists_the_families(tmp_path):
     from medtune.errors import UserError
-    from medtune.export.cli import check_run_folder
     from medtune.families import family_of_model_type, get_family
+    from medtune.runfolder import open_run
 
     assert family_of_model_type("gemma3_text") is GEMMA and get_family("gemma3") is GEMMA
     with pytest.raises(UserError, match="families are phi3, mistral, gemma3"):
         get_family("llama")
     with pytest.raises(UserError, match=r"phi3 \(phi3\), mistral \(mistral\), gemma3 \(gemma3_text\)"):
         family_of_model_type("llama")
-    from medtune.export.cli import RUN_FILES
-
-    for name in RUN_FILES:
-        (tmp_path / name).write_text("{}")
-    (tmp_path / "run_info.json").write_text(json.dumps({"family": "llama"}))
-    with pytest.raises(UserError, match="families are phi3, mistral, gemma3"):
-        check_run_folder(tmp_path)
+    (tmp_path / "run_info.json").write_text(json.dumps({"family": "llama", "base_model": "x"}))
+    with pytest.raises(UserError, match="phi3, mistral, gemma3"):
+        open_run(tmp_path)
 
 
 def medical_texts(tokenizer):
     """Every question, reasoning and answer of the sample, and every whole conversation as trained."""
-    from medtune.train.data import Example, render
+    from medtune.train.data import Example, conversation_texts
 
     system = (REPO / "prompts/system_prompt.txt").read_text().strip()
     rows = [json.loads(line) for line in (REPO / "data/medical_reasoning_sample.jsonl").open()]
     texts = []
     for r in rows:
         texts += [r["Question"], r["Complex_CoT"], r["Response"]]
-        texts.append(render(tokenizer, Example(r["Question"], r["Complex_CoT"], r["Response"]), system)[1])
+        texts.append(conversation_texts(tokenizer, Example(r["Question"], r["Complex_CoT"], r["Response"]), system)[1])
     return texts
 
 
