@@ -4,22 +4,23 @@ import json
 
 import pytest
 from safetensors import safe_open
-from transformers import TrainerCallback
 
 from conftest import train
 
 pytestmark = pytest.mark.slow  # trains
 
 
-class StopAt(TrainerCallback):
-    """Stands in for a crash or Ctrl-C part-way through training."""
+def StopAt(step):
+    """A callback that stands in for a crash or Ctrl-C part-way through training (transformers is
+    imported here, after Unsloth, as conftest requires)."""
+    from transformers import TrainerCallback
 
-    def __init__(self, step):
-        self.step = step
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise KeyboardInterrupt
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
+    return Stop()
 
 
 def summary(run_dir):
