@@ -3,7 +3,7 @@
 # assets (the real Phi-3 and Mistral tokenizers) into .cache/medtune/.
 #
 #   bash scripts/setup.sh          # what the quickstart needs
-#   bash scripts/setup.sh --dev    # plus the test tools
+#   bash scripts/setup.sh --dev    # plus the test tools and the real Gemma-3-270M (tokenizer and model folder)
 #
 # Without a GPU it installs the CPU build of torch first and never lets pip swap it for a CUDA build
 # (set TORCH_INDEX_URL if your pip has no CPU build of torch 2.13.0 to offer). Unsloth is installed
@@ -90,5 +90,9 @@ if ! .venv/bin/python -c "import importlib.metadata as m; assert m.version('llam
     pip wheel -q --no-deps -w $wheels .cache/medtune/downloads/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz
   fi
   pip install -q --find-links $wheels -r requirements-export.txt  # pip takes the built wheel over the source
+fi
+if [ $dev = 1 ]; then
+  say "Building the real-weights fixture: Gemma-3-270M dequantized from its GGUF (about 2 minutes)"
+  .venv/bin/python scripts/medtune/offline_gemma.py
 fi
 say "Set-up done: .venv/ and .cache/medtune/ are ready."

@@ -3,6 +3,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medtune.config import REPO_ROOT
+from medtune.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class Family:
     # (0.1, not 0.02) lets LoRA move the logits far enough for a visibly falling loss.
     tiny_config: dict
     full_config: dict  # the real architecture's sizes, for random-weight GPU runs and benchmarks
+    preset: str  # the training script of this family
+    gguf_name: str  # general.name in its GGUF files; llama.cpp keys some tokenizer rules on it (Phi-3)
 
     @property
     def chat_template_path(self) -> Path:
@@ -60,6 +63,8 @@ FAMILIES = {
                          num_key_value_heads=4, vocab_size=32064, max_position_embeddings=4096,
                          rope_theta=10000.0, bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
                          tie_word_embeddings=False, initializer_range=0.1),
+        preset="scripts/train_phi.py",
+        gguf_name="Phi-3",
     ),
     "mistral": Family(
         name="mistral",
@@ -77,8 +82,48 @@ FAMILIES = {
                          num_key_value_heads=2, vocab_size=32000, max_position_embeddings=32768,
                          rope_theta=1000000.0, sliding_window=None, bos_token_id=1, eos_token_id=2,
                          tie_word_embeddings=False, initializer_range=0.1),
+        preset="scripts/train_mistral.py",
+        gguf_name="Mistral",
+    ),
+    "gemma3": Family(
+        name="gemma3",
+        title="Gemma-3-1B-it",
+        default_model="unsloth/gemma-3-1b-it-bnb-4bit",
+        end_of_turn="<end_of_turn>",
+        stop_tokens=("<end_of_turn>", "<eos>"),
+        lora_targets=PROJECTIONS,
+        model_type="gemma3_text",
+        # google/gemma-3-1b-it's config.json; every 6th layer attends globally, the others to 512 tokens.
+        full_config=dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+                         num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, vocab_size=262144,
+                         max_position_embeddings=32768, sliding_window=512, bos_token_id=2, eos_token_id=1,
+                         pad_token_id=0, tie_word_embeddings=True),
+        tiny_config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, vocab_size=262144,
+                         max_position_embeddings=32768, sliding_window=512, bos_token_id=2, eos_token_id=1,
+                         pad_token_id=0, tie_word_embeddings=True, initializer_range=0.1),
+        preset="scripts/train_gemma.py",
+        gguf_name="Gemma 3",
     ),
 }
+
+
+def get_family(name):
+    """The family of that name (a run's run_info.json, a preset); one clear error for any other name."""
+    if name not in FAMILIES:
+        raise UserError(f"Unknown model family {name!r}. The families are {', '.join(FAMILIES)}: each is a chat "
+                        "template in prompts/chat_templates/ and a row in scripts/medtune/families.py.")
+    return FAMILIES[name]
+
+
+def family_of_model_type(model_type):
+    """The family whose architecture is transformers' `model_type` (a model folder's config.json)."""
+    matches = [f for f in FAMILIES.values() if f.model_type == model_type]
+    if not matches:
+        known = ", ".join(f"{f.name} ({f.model_type})" for f in FAMILIES.values())
+        raise UserError(f"No model family has the architecture {model_type!r}. The families are {known}; "
+                        "a model of another architecture needs its own row in scripts/medtune/families.py.")
+    return matches[0]
 
 
 def linear_names(model):

@@ -125,7 +125,7 @@ def llama_cpp_dir() -> Path:
 
 
 def tokenizer_dir(family: str) -> Path:
-    """cache_dir()/tokenizers/<family> ("phi3" or "mistral"), built on first use."""
+    """cache_dir()/tokenizers/<family> ("phi3", "mistral" or "gemma3"), built on first use."""
     if family not in BUILDERS:
         raise ValueError(f"unknown tokenizer family {family!r}; expected one of {tuple(BUILDERS)}")
     target = cache_dir() / "tokenizers" / family
@@ -229,6 +229,12 @@ def _build_mistral(out: Path) -> None:
     )
 
 
+def _build_gemma3(out: Path) -> None:
+    from medtune.offline_gemma import build_tokenizer  # from the Gemma-3-270M GGUF (a dev requirement)
+
+    build_tokenizer(out)
+
+
 def _save_tokenizer(out: Path, proto, added: dict, family: str, **config) -> None:
     """Write `proto` as tokenizer.model plus the equivalent HF fast tokenizer, with `added` ({id: AddedToken}).
 
@@ -272,13 +278,14 @@ def _save_tokenizer(out: Path, proto, added: dict, family: str, **config) -> Non
     (out / "tokenizer.model").write_bytes(proto.SerializeToString())
 
 
-BUILDERS = {"phi3": _build_phi3, "mistral": _build_mistral}  # the families whose tokenizers are built here
+# the families whose tokenizers are built here; Gemma 3's from the Gemma-3-270M GGUF, a dev requirement
+BUILDERS = {"phi3": _build_phi3, "mistral": _build_mistral, "gemma3": _build_gemma3}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("families", nargs="*", default=list(BUILDERS), metavar="family",
-                        help=f"tokenizers to build: {', '.join(BUILDERS)} (default: all)")
+    parser.add_argument("families", nargs="*", default=["phi3", "mistral"], metavar="family",
+                        help=f"tokenizers to build: {', '.join(BUILDERS)} (default: phi3 mistral)")
     args = parser.parse_args(argv)
     if unknown := sorted(set(args.families) - set(BUILDERS)):
         parser.error(f"unknown tokenizer family {', '.join(unknown)}; expected {', '.join(BUILDERS)}")

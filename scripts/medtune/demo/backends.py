@@ -11,7 +11,7 @@ from pathlib import Path
 
 from medtune.config import default_system_prompt
 from medtune.errors import UserError
-from medtune.families import FAMILIES
+from medtune.families import FAMILIES, family_of_model_type
 from medtune.runfolder import FOR_MODEL, FOR_PROMPT, RUN_INFO, open_run, run_of
 
 BACKENDS = ("auto", "gguf", "transformers", "unsloth")
@@ -47,12 +47,6 @@ def render_template(template, messages, bos_token, eos_token):
     env.globals["raise_exception"] = raise_exception
     return env.from_string(template).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
                                             add_generation_prompt=True)
-
-
-def family_of(name):
-    """phi3 or mistral, from a run's run_info.json or the model's architecture name."""
-    lowered = name.lower()
-    return "phi3" if "phi" in lowered else "mistral"
 
 
 class Backend:
@@ -197,7 +191,7 @@ class TransformersBackend(Backend):
         tokenizer = AutoTokenizer.from_pretrained(path)
         if not tokenizer.chat_template:
             raise UserError(f"{path} has no chat template; export the run with scripts/export.py.")
-        return cls(model, tokenizer, f"{Path(path).parent.parent.name}/merged", family_of(model.config.model_type))
+        return cls(model, tokenizer, f"{Path(path).parent.parent.name}/merged", family_of_model_type(model.config.model_type).name)
 
     def count_tokens(self, text):
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

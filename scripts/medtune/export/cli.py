@@ -179,7 +179,7 @@ def write_files(run, args, source, tmp, stages):
     write_generation_config(merged, tokenizer, family)
 
     # llama.cpp applies Phi-3's whitespace rules to models whose name says phi-3 (src/llama-vocab.cpp)
-    model_name = f"{'Phi-3' if family.name == 'phi3' else 'Mistral'} {run_name}"
+    model_name = f"{family.gguf_name} {run_name}"
     ggufs = {q: tmp / f"{run_name}-{q}.gguf" for q in args.quants}
     f16 = ggufs.get("f16", tmp / f"{run_name}-f16.intermediate.gguf")
     stages.run("gguf f16", gguf_export.convert, merged, f16, "f16", model_name)

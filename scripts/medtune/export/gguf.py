@@ -5,6 +5,7 @@ The converter (convert_hf_to_gguf.py with its co-versioned conversion/ and gguf-
 nothing is cloned or downloaded at export time.
 """
 import ctypes
+import json
 import os
 import subprocess
 import sys
@@ -51,6 +52,7 @@ def llama_cpp_module():
 def convert(merged_dir, out_file, outtype, model_name):
     """merged safetensors -> GGUF through llama.cpp's convert_hf_to_gguf.py (its own gguf-py first on the path)."""
     root = llama_cpp_sources()
+    declare_user_defined_tokens(merged_dir)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "gguf-py"), os.environ.get("PYTHONPATH", "")]),
            "NO_LOCAL_GGUF": ""}
     cmd = [sys.executable, str(root / "convert_hf_to_gguf.py"), str(merged_dir), "--outfile", str(out_file),
@@ -59,6 +61,23 @@ def convert(merged_dir, out_file, outtype, model_name):
     if r.returncode != 0 or not out_file.is_file():
         tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-8:])
         raise RuntimeError(f"llama.cpp's converter failed ({outtype}):\n{tail}")
+
+
+def declare_user_defined_tokens(merged_dir):
+    """List the SentencePiece model's user-defined pieces in added_tokens.json, where llama.cpp's
+    converter looks for them: it types a tokenizer.model's pieces from the model alone, where a
+    user-defined piece reads as normal. Gemma has 165 of them ("\n", "\n\n", runs of spaces and tabs,
+    ...), which llama.cpp must match in the raw text before the rest is split, as the Hugging Face
+    tokenizer does. (transformers 5 neither writes nor reads the file; Phi-3's and Mistral's models have none.)"""
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+    path = merged_dir / "tokenizer.model"
+    if not path.is_file():
+        return
+    proto = spm_pb2.ModelProto.FromString(path.read_bytes())
+    user = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == spm_pb2.ModelProto.SentencePiece.USER_DEFINED}
+    if user:
+        (merged_dir / "added_tokens.json").write_text(json.dumps(user, ensure_ascii=False, indent=2) + "\n")
 
 
 def quantize(src, dst, quant):

@@ -2,7 +2,7 @@
 import re
 
 # Equivalent to prompts/chat_templates/<family>.jinja for one system + user turn and the answer.
-# Ollama adds BOS itself (the GGUF says add_bos_token), so the templates start after <s>.
+# Ollama adds BOS itself (the GGUF says add_bos_token), so the templates start after <s> / <bos>.
 TEMPLATES = {
     "phi3": (
         "{{ if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}"
@@ -13,11 +13,16 @@ TEMPLATES = {
         "[INST] {{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }} [/INST]"
         " {{ .Response }}</s>"
     ),
+    "gemma3": (
+        "<start_of_turn>user\n{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}<end_of_turn>\n"
+        "<start_of_turn>model\n{{ .Response }}<end_of_turn>\n"
+    ),
 }
 TRIPLE = '"' * 3  # Ollama's multi-line string delimiter
 PARAMETERS = {  # reasoning answers are long: room for the <think> block, mild sampling
     "phi3": {"num_ctx": 4096, "temperature": 0.6, "top_p": 0.9, "repeat_penalty": 1.05},
     "mistral": {"num_ctx": 8192, "temperature": 0.6, "top_p": 0.9, "repeat_penalty": 1.05},
+    "gemma3": {"num_ctx": 8192, "temperature": 0.6, "top_p": 0.9, "repeat_penalty": 1.05},
 }
 
 

@@ -50,7 +50,7 @@ class Prepared:
 
 def run(family_name, argv=None, callbacks=()):
     family = FAMILIES[family_name]
-    script = f"scripts/train_{'phi' if family_name == 'phi3' else family_name}.py"
+    script = family.preset
     cfg, given = parse_config(sys.argv[1:] if argv is None else argv, family_name, script,
                               f"Fine-tune {family.title} for medical step-by-step reasoning (Unsloth 4-bit LoRA + TRL).")
     run_dir = Path(cfg.output_dir).expanduser() / cfg.run_name
