@@ -22,7 +22,15 @@ EXPECTED = {
                "A 30-year-old has a fever of 39 °C and neck stiffness. Next step? [/INST]"
                " <think>\nFever with meningism: think bacterial meningitis.\nDon't delay antibiotics.\n"
                "</think>\nBlood cultures, then empirical ceftriaxone before the lumbar puncture.</s>",
+    "gemma3": "<bos><start_of_turn>user\nYou are a careful medical expert.\n\n"
+              "A 30-year-old has a fever of 39 °C and neck stiffness. Next step?<end_of_turn>\n"
+              "<start_of_turn>model\n<think>\nFever with meningism: think bacterial meningitis.\nDon't delay antibiotics.\n"
+              "</think>\nBlood cultures, then empirical ceftriaxone before the lumbar puncture.<end_of_turn>\n",
 }
+PROMPT_END = {"phi3": "<|assistant|>\n", "mistral": "[/INST]", "gemma3": "<start_of_turn>model\n"}
+# what follows the end-of-turn token, unlabeled: Phi-3's "\n" after <|end|> is stripped into the token
+# (rstrip), as in llama.cpp; Gemma's template ends the turn with a newline token of its own
+AFTER_TURN = {"phi3": "", "mistral": "", "gemma3": "\n"}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -38,7 +46,7 @@ def test_rendered_training_text_is_exact(family_tokenizer):
     family, tok = family_tokenizer
     prompt, full = conversation_texts(tok, EXAMPLE, SYSTEM)
     assert full == EXPECTED[family.name]
-    assert full.startswith(prompt) and prompt.endswith("<|assistant|>\n" if family.name == "phi3" else "[/INST]")
+    assert full.startswith(prompt) and prompt.endswith(PROMPT_END[family.name])
 
 
 def test_labels_cover_exactly_the_assistant_turn(family_tokenizer):
@@ -56,7 +64,7 @@ def test_labels_cover_exactly_the_assistant_turn(family_tokenizer):
     assert ids[stop - 1] == tok.convert_tokens_to_ids(family.end_of_turn)  # end-of-turn token is learned
     # the labeled tokens are exactly the assistant turn; system, user and markup are not
     assert tok.decode(ids[start:stop]) == EXAMPLE.assistant_text() + family.end_of_turn
-    assert ids[stop:] == []  # Phi-3's "\n" after <|end|> is stripped into the token (rstrip), as in llama.cpp
+    assert tok.decode(ids[stop:]) == AFTER_TURN[family.name]
     assert ids[:start] == tok(prompt, add_special_tokens=False)["input_ids"]  # exactly the prompt's tokens
     assert all(lab == IGNORE_INDEX for lab in labels[stop:])
 

@@ -44,9 +44,8 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 MISTRAL_COMMON_VERSION = "1.13.1"
 CHAT_TEMPLATES = REPO_ROOT / "prompts" / "chat_templates"
 
-# The parts of vendor/llama.cpp that the toolkit uses: the Phi-3 vocabulary and its test vectors, and what
-# convert_hf_to_gguf.py needs to run (its model classes, the gguf-py package it was written against, and
-# the requirement files that pin its dependencies).
+# What the toolkit uses of vendor/llama.cpp: the Phi-3 vocabulary and its test vectors, and what
+# convert_hf_to_gguf.py needs (its model classes, its co-versioned gguf-py, its pinned requirements).
 _LLAMA_CPP_PREFIX = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
 _LLAMA_CPP_FILES = (
     "models/ggml-vocab-phi-3.gguf",
@@ -160,9 +159,8 @@ def _build_phi3(out: Path) -> None:
         raise ValueError(f"unexpected Phi-3 vocabulary head {tokens[:3]}")
 
     # Rebuild Llama 2's SentencePiece model. llama.cpp marks <unk>/<s>/</s> CONTROL or USER_DEFINED after
-    # HF's added_tokens_decoder; in the SentencePiece model <unk> is the unknown piece, <s> and </s> are
-    # control symbols. The normalizer is Llama's: no Unicode normalization, a dummy "▁" prefix, spaces
-    # kept as they are (not collapsed) and written as "▁".
+    # HF's added_tokens_decoder; in the SentencePiece model <unk> is the unknown piece, <s> and </s> control
+    # symbols. Llama's normalizer: no Unicode normalization, a dummy "▁" prefix, spaces kept, written "▁".
     proto = spm_pb2.ModelProto()
     piece_type = spm_pb2.ModelProto.SentencePiece
     for i in range(_PHI3_SPM_PIECES):
@@ -250,9 +248,8 @@ def _save_tokenizer(out: Path, proto, added: dict, family: str, **config) -> Non
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
-    # SentencePiece BPE repeatedly joins the adjacent pair whose union is the best-scored piece; HF BPE
-    # joins the pair ranked first in its merge list. So list every split of every normal piece into two
-    # normal pieces, best score first.
+    # SentencePiece BPE joins the adjacent pair whose union is the best-scored piece; HF BPE the pair
+    # ranked first in its merge list. So list every split of every normal piece in two, best score first.
     normal = {p.piece: (-p.score, i) for i, p in enumerate(proto.pieces)
               if p.type == spm_pb2.ModelProto.SentencePiece.NORMAL}
     merges = sorted((rank, piece[:k], piece[k:]) for piece, rank in normal.items()

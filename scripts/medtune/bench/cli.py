@@ -179,7 +179,7 @@ def measure_model(args, run, family, out, results, save):
     sizes = fam.full_config
     model_dir = Path(args.models_dir or out / "models").expanduser() / f"{family}-nf4"
     entry = results.setdefault(family, {})
-    entry.update(title=fam.title, params=parameter_count(sizes))
+    entry.update(title=fam.title, params=parameter_count(sizes, fam.model_type))
     if {"compare", "tuning"} - args.skip:  # speeds measured now: MFU against this run's matmul rate
         entry.update(matmul=run.matmul, measured=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     if not (model_dir / "config.json").is_file():

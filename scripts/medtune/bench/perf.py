@@ -68,9 +68,9 @@ def synthetic_rows(lengths, vocab_size, seed, prompt_lengths=None, family="phi3"
     return rows
 
 
-def parameter_count(cfg):
-    """Parameters of a Llama-style decoder (Phi-3, Mistral) from its config dict, counted from the
-    shapes: 4-bit checkpoints pack two weights per byte, so counting their tensors undercounts."""
+def parameter_count(cfg, model_type=None):
+    """Parameters of a Llama-style decoder (Phi-3, Mistral, Gemma 3) from its config dict, counted
+    from the shapes: 4-bit checkpoints pack two weights per byte, so counting their tensors undercounts."""
     h, inter, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or h // heads
@@ -78,6 +78,8 @@ def parameter_count(cfg):
     attn = h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h
     mlp = 3 * h * inter
     per_layer = attn + mlp + 2 * h  # two RMSNorm weights
+    if model_type == "gemma3_text":  # norms before and after the MLP too, and on the queries and keys
+        per_layer += 2 * h + 2 * head_dim
     embed = vocab * h
     head = 0 if cfg.get("tie_word_embeddings") else vocab * h
     return embed + layers * per_layer + h + head
