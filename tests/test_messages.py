@@ -112,7 +112,7 @@ def first_screen_is_ours(out, command):
 
 
 @pytest.mark.slow  # trains and exports
-def test_train_and_export_keep_third_party_noise_in_their_logs(tmp_path):
+def test_train_export_and_evaluate_keep_third_party_noise_in_their_logs(tmp_path):
     r = subprocess.run([sys.executable, "scripts/train_phi.py", "--smoke", "--output-dir", tmp_path, "--max-steps", "2",
                         "--eval-samples", "0"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -124,6 +124,10 @@ def test_train_and_export_keep_third_party_noise_in_their_logs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     logged = first_screen_is_ours(r.stdout + r.stderr, "export")
     assert "llama_model_quantize" in logged or "llama_model_loader" in logged, logged[-2000:]
+    r = subprocess.run([sys.executable, "scripts/evaluate.py", run, "--offline", "--mode", "loglik", "--limit", "2",
+                        "--benchmarks", "medqa"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first_screen_is_ours(r.stdout + r.stderr, "evaluate")
     verbose = subprocess.run([sys.executable, "scripts/export.py", run, "--no-verify", "--overwrite", "--verbose"],
                              cwd=REPO, capture_output=True, text=True)
     assert verbose.returncode == 0 and "llama_model_loader" in verbose.stdout + verbose.stderr

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medtune.evaluation.tasks import BENCHMARKS, HELDOUT, PROMPT_FORMATS, VALID, heldout_rows, load_items, parse_names
+from medtune import noise
 from medtune.errors import UserError, parse_options, report_user_errors
 from medtune.fileio import write_json_atomic
 
@@ -64,6 +65,8 @@ def parse_args(argv):
                    help="prompts per forward pass in loglik mode, the held-out loss and --engine static (default 8); "
                         "with --engine continuous, the most rows generated at once (default: as many as the GPU's "
                         "memory holds)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show third-party warnings and library output here instead of in the log file")
     p.add_argument("--max-new-tokens", type=int, default=1024,
                    help="generate mode: most tokens of reasoning and answer; a response cut off inside <think> counts "
                         "as unparseable (default 1024)")
@@ -235,6 +238,8 @@ def evaluate(args):
     for path in written:
         print(f"  {str(path.relative_to(out)):32s} one line per item")
     print(f"  {'summary.json':32s} every result above, with its settings")
+    if noise.where():
+        print(noise.where())
     return out, summary
 
 
@@ -276,4 +281,6 @@ def print_table(summary, tasks):
 
 @report_user_errors
 def main(argv=None):
-    evaluate(parse_args(sys.argv[1:] if argv is None else argv))
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    noise.divert("evaluate", args.verbose)  # before the imports that print it
+    evaluate(args)
