@@ -246,8 +246,10 @@ def test_evaluation_and_demo_on_the_real_model(gemma_run, gemma_export):
     print(f"[gemma] generate mode, unparseable answers: { {k: v['unparseable_rate'] for k, v in results.items()} }")
     assert len(results) == 3 and all(v["n"] == 1 for v in results.values())
 
-    backend = load(gemma_export[0], n_ctx=2048)
-    assert backend.kind == "llama.cpp" and backend.name.endswith("q4_k_m.gguf")
+    # The q8_0 file, whose greedy continuation equals the merged model's: 4-bit noise flips this small,
+    # briefly trained model's near-ties, so greedy q4_k_m need not open <think> (reported above).
+    backend = load(gemma_export[0] / "gemma3-real-q8_0.gguf", n_ctx=2048)
+    assert backend.kind == "llama.cpp" and backend.name.endswith("q8_0.gguf")
     question = json.loads((gemma_run / "heldout.jsonl").read_text().splitlines()[0])["Question"]
     system = (gemma_run / "system_prompt.txt").read_text().strip()
     stats = Stats()

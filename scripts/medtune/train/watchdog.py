@@ -48,6 +48,10 @@ class Watchdog:
     def follow_others(self):
         """Stop as the other ranks do if one of them stopped first (a hang, or an error it reported):
         an error here is then only its echo (the connection to it closed), not worth a traceback."""
+        if self.ending.locked() and threading.current_thread() is not self.thread:
+            # This process's own watchdog is already ending it (both ranks can time out at once, and
+            # the store then names this rank): its report counts, not the echo that reached this thread.
+            time.sleep(3600)
         elsewhere = distributed.stopped_elsewhere()
         if elsewhere is not None and not elsewhere.startswith(f"rank {distributed.rank()}:"):
             # A hang is reported by every rank with its stack; an error only by the rank that had it.
