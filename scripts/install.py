@@ -26,7 +26,7 @@ HELD = ("torch", "torchvision", "torchaudio")  # built together: one moving brea
 XFORMERS = "xformers>=0.0.27.post2"  # Unsloth's own floor for xformers
 NO_DEPS = ("unsloth",)  # its metadata asks for torchvision and xformers, which are ours to decide
 # torch minor series to try, newest first. Each try reads one wheel's metadata: a few kB where the
-# index serves it apart (PEP 658, as PyPI does), the whole wheel (about 900 MB) where it does not.
+# index serves it apart (PEP 658), the whole wheel (about 900 MB) where it does not.
 TORCH_TRIES = 12
 
 

