@@ -22,12 +22,13 @@ def test_bench_eval_measures_compares_and_reports(tmp_path):
     model = tiny_model_dir(FAMILIES["mistral"])
     out = tmp_path / "bench.jsonl"
     main(["--model", str(model), "--family", "mistral", "--case", "old:6:8", "--case", "continuous@4:6:8",
-          "--case", "best:6:8", "--out", str(out)])
+          "--case", "compiled@4:6:8", "--case", "best:6:8", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["case"] for r in rows] == ["old", "continuous", "continuous"] and rows[2]["rows"] == 4
+    assert [r["case"] for r in rows[:3]] == ["old", "continuous", "compiled"] and rows[3]["rows"] == 4
+    assert rows[3]["case"] == max(rows[1:3], key=lambda r: r["tokens_per_s"])["case"]
     for r in rows:
         assert r["tokens"] == 6 * 8 and r["tokens_per_s"] > 0 and r["weights_used"] == "float32"
-    assert rows[1]["identical_outputs"] == rows[2]["identical_outputs"] == "6/6"
+    assert rows[1]["identical_outputs"] == rows[2]["identical_outputs"] == rows[3]["identical_outputs"] == "6/6"
     assert rows[1]["resolved"]["max_requests_per_batch"] == "4"
 
     md = tmp_path / "BENCHMARKS.md"

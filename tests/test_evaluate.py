@@ -220,24 +220,31 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
 
 
 @pytest.mark.slow
-def test_static_engine_gives_the_same_answers_and_both_report_throughput(evaluated, tmp_path, capsys):
-    """The default engine (continuous batching) against the earlier one (model.generate in static
-    batches): token-identical outputs on the tiny models, for the adapter and for the base."""
+def test_every_engine_gives_the_same_answers_and_reports_throughput(evaluated, tmp_path, capsys):
+    """The default engine (compiled: one-shape batches over a static cache) against the earlier one
+    (model.generate in static batches) and continuous batching: token-identical outputs on the tiny
+    models, for the adapter and for the base."""
     run = evaluated("phi3")
-    out, summary = evaluate(run, "--offline", "--mode", "generate", "--compare-base", "--limit", "6",
-                            "--max-new-tokens", "8", "--engine", "static", "--batch-size", "4", "--out", tmp_path)
-    assert "Estimated time: at most" in capsys.readouterr().out
+    summaries = {}
+    for engine in ("static", "continuous"):
+        _, summaries[engine] = evaluate(run, "--offline", "--mode", "generate", "--compare-base", "--limit", "6",
+                                        "--max-new-tokens", "8", "--engine", engine, "--batch-size", "4",
+                                        "--out", tmp_path / engine)
+        assert "Estimated time: at most" in capsys.readouterr().out
+    default_summary = json.loads((run / "eval" / "summary.json").read_text())
     for folder in (".", "base"):
         for name in BENCHMARKS:
-            static = {r["id"]: (r["output"], r["output_tokens"]) for r in rows(tmp_path / folder / f"{name}-generate.jsonl")}
             default = {r["id"]: (r["output"], r["output_tokens"])
                        for r in rows(run / "eval" / folder / f"{name}-generate.jsonl")}
-            assert static == default
-    engines = {json.loads((run / "eval" / "summary.json").read_text())["results"]["finetuned"]["medqa-generate"]["engine"],
-               summary["results"]["finetuned"]["medqa-generate"]["engine"]}
-    assert engines == {"continuous", "static"}
+            for engine in summaries:
+                other = {r["id"]: (r["output"], r["output_tokens"])
+                         for r in rows(tmp_path / engine / folder / f"{name}-generate.jsonl")}
+                assert other == default, (engine, folder, name)
+    engines = {s["results"]["finetuned"]["medqa-generate"]["engine"] for s in (default_summary, *summaries.values())}
+    assert engines == {"compiled", "continuous", "static"}
+    summary = summaries["static"]
     for role in ("finetuned", "base"):
         entry = summary["results"][role]["pubmedqa-generate"]
         assert entry["generated_tokens"] == sum(r["output_tokens"] for r in rows(
-            tmp_path / ("base" if role == "base" else ".") / "pubmedqa-generate.jsonl"))
+            tmp_path / "static" / ("base" if role == "base" else ".") / "pubmedqa-generate.jsonl"))
         assert entry["tokens_per_second"] > 0 and entry["weights"] == "float32"

@@ -138,6 +138,31 @@ def test_fixture_matches_llama_cpp_on_the_original_gguf(base):
     assert decisive_agree / decisive >= 0.98 and agree / positions >= 0.9
 
 
+@pytest.mark.slow
+def test_compiled_engine_answers_as_the_earlier_one_on_real_weights(base):
+    """evaluate.py's default engine (one-shape batches over a static cache) against the earlier one
+    (model.generate over batches sorted by length) on the real model in float32: 64 prompts, greedy."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medtune.bench.generation import bench_prompts
+    from medtune.config import default_system_prompt
+    from medtune.evaluation import generation
+
+    tokenizer = AutoTokenizer.from_pretrained(base[0])
+    model = AutoModelForCausalLM.from_pretrained(base[0], dtype=torch.float32).eval()
+    prompts = bench_prompts(tokenizer, default_system_prompt(), 64)
+    stop = GEMMA.stop_ids(tokenizer)
+    outputs = {}
+    for name, engine in (("static", lambda: generation.static(model, tokenizer, prompts, stop, 16, 8)),
+                         ("compiled", lambda: generation.compiled(model, tokenizer, prompts, stop, 16))):
+        outputs[name] = timed(f"64 answers x 16 tokens, {name} engine",
+                              lambda: {i: (t, n) for step in engine() for i, t, n in step.results})
+    same = sum(outputs["static"][i] == outputs["compiled"][i] for i in range(64))
+    print(f"[gemma] compiled engine = earlier engine on {same}/64 answers")
+    assert same >= 61 and sum(n for _, n in outputs["static"].values()) > 64
+
+
 @pytest.fixture(scope="session")
 def gemma_run(base, runs_root):
     return timed("train", train, "gemma3", "--model", base[0], *TRAIN_ARGS, "--output-dir", runs_root,
@@ -240,8 +265,7 @@ def test_evaluation_and_demo_on_the_real_model(gemma_run, gemma_export):
     print(f"\n[gemma] held-out loss {heldout['base']:.3f} -> {heldout['finetuned']:.3f}")
     assert heldout["finetuned"] < 0.9 * heldout["base"]  # measured 3.204 -> 2.802
     _, generate = timed("evaluate generate (export)", evaluate, gemma_export[0], "--offline", "--mode", "generate",
-                        "--benchmarks", "medqa,medmcqa,pubmedqa", "--limit", 1, "--max-new-tokens", MAX_NEW_TOKENS,
-                        "--engine", "static")
+                        "--benchmarks", "medqa,medmcqa,pubmedqa", "--limit", 1, "--max-new-tokens", MAX_NEW_TOKENS)
     results = {k: v for k, v in generate["results"]["finetuned"].items() if k.endswith("generate")}
     print(f"[gemma] generate mode, unparseable answers: { {k: v['unparseable_rate'] for k, v in results.items()} }")
     assert len(results) == 3 and all(v["n"] == 1 for v in results.values())

@@ -15,6 +15,7 @@ at once; CAP_GIB caps this process's GPU memory (torch.cuda.set_per_process_memo
 stand-in for a 15 GB T4. A case that runs past --case-timeout is recorded as such and skipped.
 """
 import gc
+import math
 import json
 import time
 from pathlib import Path
@@ -28,6 +29,11 @@ CASES = {
     "continuous-merged": dict(weights="16-bit", engine="continuous", merge=True),
     "continuous-graphs": dict(weights="16-bit", engine="continuous", settings={"use_cuda_graph": True}),
     "continuous-4bit": dict(weights="4-bit", engine="continuous"),
+    "compiled": dict(weights="16-bit", engine="compiled"),
+    "compiled-graphs-only": dict(weights="16-bit", engine="compiled", compile_settings={"backend": "cudagraphs",
+                                                                                        "mode": None}),
+    "static-cache": dict(weights="16-bit", engine="compiled", compile=False),
+    "compiled-4bit": dict(weights="4-bit", engine="compiled"),
 }
 LORA_B_STD = 2e-3  # B's spread after a short fine-tune; B = 0 (PEFT's start) would make the adapter a no-op
 
@@ -84,6 +90,7 @@ def make_adapter(model_dir, family, out):
 
 def _free():
     gc.collect()
+    torch.compiler.reset()  # compiled decode steps and their CUDA-graph memory pools go with their model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -116,6 +123,10 @@ def run_case(case, model_dir, adapter, tokenizer, prompts, stop):
         info = {}
         if case["engine"] == "static":
             steps = generation.static(model, tokenizer, prompts, stop, case["new_tokens"], case["batch"])
+        elif case["engine"] == "compiled":
+            steps = generation.compiled(model, tokenizer, prompts, stop, case["new_tokens"], case["rows"],
+                                        compile=case.get("compile", True), compile_settings=case.get("compile_settings"),
+                                        info=info)
         else:
             steps = generation.continuous(model, tokenizer, prompts, stop, case["new_tokens"], case["rows"],
                                           settings=case.get("settings"), info=info)
@@ -169,9 +180,10 @@ def run_all(model_dir, family, cases, out, system, case_timeout):
             row, outputs = run_case(case, model_dir, adapter, tokenizer, prompts, stop)
         except CaseTimeout:
             row, outputs = {**case, "error": f"stopped after {case_timeout} s"}, None
-            _free()
         finally:
             signal.alarm(0)
+        if outputs is None:
+            _free()  # out of the except clause, whose traceback held the stopped case's model
         row.update(family=family.name, model=str(model_dir))
         if outputs is not None:
             measured.append(row)
@@ -206,35 +218,64 @@ SECTION = "## Evaluation: generation throughput"
 MEDQA_ITEMS = 1273
 
 
+def _steady(r):
+    """Tokens/s over the batches after the first (whose time includes compiling), or None."""
+    resolved = r.get("resolved") or {}
+    seconds, tokens = resolved.get("batch_seconds") or [], resolved.get("batch_tokens") or []
+    return sum(tokens[1:]) / sum(seconds[1:]) if len(seconds) > 1 and sum(seconds[1:]) else None
+
+
+def _path(r):
+    resolved = r.get("resolved") or {}
+    name = r["case"]
+    if r["engine"] == "compiled":
+        name += ", decode step compiled" if resolved.get("compiled") else ", eager"
+    rows = r.get("rows") or (resolved.get("rows") if r["engine"] == "compiled" else None)
+    return name + (f" ({'batch' if r['engine'] != 'continuous' else 'at most'} {rows} rows)" if rows else "")
+
+
+def _medqa(r):
+    """Minutes of a full MedQA pass at this case's settings: from its batch times where it has two
+    or more (the first, compile included, then one steady batch per further batch of rows), else
+    from its overall rate."""
+    resolved = r.get("resolved") or {}
+    seconds, rows = resolved.get("batch_seconds") or [], resolved.get("rows")
+    if len(seconds) > 1 and rows:
+        batches = math.ceil(MEDQA_ITEMS / rows)
+        total = seconds[0] + (batches - 1) * sum(seconds[1:]) / len(seconds[1:])
+        return total / 60, f"first batch {seconds[0]:.0f} s with compiling, then {batches - 1} batches of {rows} rows " \
+                           f"at {sum(seconds[1:]) / len(seconds[1:]):.0f} s each"
+    return MEDQA_ITEMS * r["new_tokens"] / r["tokens_per_s"] / 60, f"at the overall {r['tokens_per_s']:,.0f} tokens/s"
+
+
 def report(rows, command):
     """The BENCHMARKS.md section for these measurements."""
     lines = [SECTION, "", f"Measured with `{command}` (see scripts/bench_eval.py). Full-size random-weight models "
              "saved in 4-bit NF4 (`python -m medtune.bench.worker` build job) with a random rank-16 LoRA adapter on "
              "the family's targets. Random weights never emit end-of-turn, so every row runs to the token limit: the "
-             "worst case for both paths. Times run from the call to the last row: prefill, warm-up and any CUDA-graph "
-             "capture included.", "",
-             "| model | path | weights | prompts x new tokens | GPU memory | tokens/s | vs old | same outputs as old "
-             "| peak reserved |", "|---|---|---|---|---|---|---|---|---|"]
+             "worst case for every path. Overall times run from the call to the last row: prefill, warm-up and "
+             "compiling included; steady is the rate over the batches after the first.", "",
+             "| model | path | weights | prompts x new tokens | GPU memory | tokens/s | vs old | steady tokens/s "
+             "| same outputs as old | peak reserved |", "|---|---|---|---|---|---:|---:|---:|---|---:|"]
     old = {(r["family"], r["new_tokens"]): r["tokens_per_s"] for r in rows if r["case"] == "old"}
     for r in (r for r in rows if "error" not in r):
         base = old.get((r["family"], r["new_tokens"])) or next(
             (v for (f, _), v in old.items() if f == r["family"]), None)
         gain = f"{r['tokens_per_s'] / base:.1f}x" if base and r["case"] != "old" else ""
         cap = f"{r['cap_gib']:g} GiB cap" if r["cap_gib"] else "whole card"
-        path = r["case"] + (f" ({'batch' if r['engine'] == 'static' else 'at most'} {r['rows']} rows)"
-                            if r.get("rows") else "")
-        lines.append(f"| {r['family']} | {path} | {r['weights_used']}{' merged' if r['merged'] else ''} | "
+        steady = _steady(r)
+        lines.append(f"| {r['family']} | {_path(r)} | {r['weights_used']}{' merged' if r['merged'] else ''} | "
                      f"{r['prompts']} x {r['new_tokens']} | {cap} | {r['tokens_per_s']:,.0f} | {gain} | "
-                     f"{r.get('identical_outputs', '')} | {r['peak_reserved_gib']} GiB |")
+                     f"{f'{steady:,.0f}' if steady else ''} | {r.get('identical_outputs', '')} | "
+                     f"{r['peak_reserved_gib']} GiB |")
     for r in rows:
         if "error" in r:
             lines.append(f"\n{r['family']} {r['case']} ({r['prompts']} x {r['new_tokens']}): {r['error']}, not measured.")
     for r in rows:
-        if "error" not in r and r["new_tokens"] >= 1024 and r["engine"] == "continuous" and not r["cap_gib"]:
-            minutes = MEDQA_ITEMS * r["new_tokens"] / r["tokens_per_s"] / 60
+        if "error" not in r and r["new_tokens"] >= 1024 and r["engine"] != "static" and not r["cap_gib"]:
+            minutes, how = _medqa(r)
             lines.append(f"\nA full MedQA test pass ({MEDQA_ITEMS:,} items, every one running to {r['new_tokens']:,} "
-                         f"new tokens) at the measured {r['tokens_per_s']:,.0f} tokens/s ({r['family']}, {r['case']}, "
-                         f"{r['device']}): {minutes:.1f} minutes.")
+                         f"new tokens), {r['family']}, {_path(r)}, {r['device']}: {minutes:.1f} minutes ({how}).")
     return "\n".join(lines) + "\n"
 
 

@@ -25,7 +25,7 @@ from medtune.errors import UserError, parse_options, report_user_errors
 from medtune.fileio import write_json_atomic
 
 MODES = ("generate", "loglik")
-ENGINES = ("continuous", "static")  # medtune.evaluation.generation
+ENGINES = ("compiled", "continuous", "static")  # medtune.evaluation.generation
 DEFAULT_SEED = 1234
 
 
@@ -57,14 +57,16 @@ def parse_args(argv):
                    help="a local .jsonl/.json/.csv/.parquet file for one benchmark, in the Hub dataset's columns; "
                         "repeatable")
     p.add_argument("--out", help="output folder (default: <run>/eval, <run>/export/eval, or reports/eval/<model>)")
-    p.add_argument("--engine", choices=ENGINES, default="continuous",
-                   help="generate mode: continuous (transformers' continuous batching, 4-bit weights unpacked to "
-                        "16 bits where they fit the GPU) or static (model.generate over fixed batches of --batch-size "
-                        "prompts, the weights as stored); the answers are the same (default: continuous)")
+    p.add_argument("--engine", choices=ENGINES, default="compiled",
+                   help="generate mode: compiled (batches as large as the GPU holds, a static cache and a decode step "
+                        "compiled once into CUDA graphs), continuous (transformers' continuous batching) or static "
+                        "(model.generate over batches of --batch-size prompts, the weights as stored). compiled and "
+                        "continuous unpack 4-bit weights to 16 bits where they fit the GPU; the answers are the same "
+                        "(default: compiled)")
     p.add_argument("--batch-size", type=int,
                    help="prompts per forward pass in loglik mode, the held-out loss and --engine static (default 8); "
-                        "with --engine continuous, the most rows generated at once (default: as many as the GPU's "
-                        "memory holds)")
+                        "with --engine compiled or continuous, the most rows generated at once (default: as many as "
+                        "the GPU's memory holds)")
     p.add_argument("--verbose", action="store_true",
                    help="show third-party warnings and library output here instead of in the log file")
     p.add_argument("--max-new-tokens", type=int, default=1024,
@@ -212,7 +214,7 @@ def evaluate(args):
     for name, (items, where) in data.items():
         print(f"{name}: {len(items)} {'rows' if name == HELDOUT else 'items'} from {where}", flush=True)
     written = []
-    fast = args.engine == "continuous" and "generate" in args.modes
+    fast = args.engine != "static" and "generate" in args.modes
     for role, model in em.models(source, args.compare_base, fast=fast):
         context = dict(model=model, tokenizer=tokenizer, system=system, stop=em.stop_ids(model, tokenizer, source),
                        source=source, args=args)

@@ -1,13 +1,16 @@
 """Greedy generation for `scripts/evaluate.py --mode generate`, and its meter (the estimate printed
 before a long evaluation, tokens/s and time left while it runs).
 
-Two engines yield the same results (index, text cut at the first stop token, tokens generated):
-- continuous (the default): transformers' continuous batching. Every prompt is queued at once; a
-  row that stops frees its place for the next prompt at the next step, and the key/value cache is
-  paged, so hundreds of rows decode together in the memory a few padded static batches would take.
+Three engines yield the same results (index, text cut at the first stop token, tokens generated):
+- compiled (the default): `model.generate` over batches as large as the GPU's memory holds, every
+  batch in one shape (prompts left-padded to the longest, a static key/value cache of that length
+  plus --max-new-tokens, reused), so the decode step is compiled once and replayed as a CUDA graph
+  (16-bit weights on a GPU; 4-bit weights and CPUs run the same loop uncompiled).
+- continuous: transformers' continuous batching. Every prompt is queued at once; a row that stops
+  frees its place for the next prompt at the next step, and the key/value cache is paged.
 - static: `model.generate` over batches of --batch-size prompts sorted by length (the earlier path).
 
-    python scripts/evaluate.py checkpoints/phi3-medical --engine continuous   # the default
+    python scripts/evaluate.py checkpoints/phi3-medical --engine compiled     # the default
     python scripts/bench_eval.py --model /tmp/m/phi3-nf4                      # measures both
 """
 import math
@@ -39,6 +42,88 @@ def static(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size):
 
     for batch in generate(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size):
         yield Step(batch)
+
+
+PAD_TO = 64  # prompts are left-padded to a multiple of this: one cache length for every batch
+MAX_ROWS = 256  # beyond this a decode step is no longer bound by reading the weights
+# Compiling the decode step took 50-90 s on an H200 and then saves most of an eager step's ~90 ms
+# (BENCHMARKS.md): below this many decode steps in all, the eager loop finishes first.
+COMPILE_FROM_STEPS = 1024
+STATIC_SHARE = 0.7  # of the memory left after the weights: the rest holds the CUDA graphs' pools and the logits
+CPU_ROWS = 8
+
+
+def kv_bytes_per_token(model):
+    """Bytes of key/value cache one token takes in every layer (an upper bound for sliding layers)."""
+    cfg = model.config.get_text_config()
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * heads * head_dim * model.dtype.itemsize
+
+
+def prefill_bytes_per_token(model):
+    """A generous bound on the activations one prompt token holds during the prefill: the MLP's
+    widest tensors and a few hidden-size copies, as 4 live at once."""
+    cfg = model.config.get_text_config()
+    return 4 * (2 * cfg.intermediate_size + 4 * cfg.hidden_size) * model.dtype.itemsize
+
+
+def static_rows(model, width, length, n_prompts):
+    """Rows per batch of the compiled engine: as many rows as STATIC_SHARE of the memory left after
+    the weights holds, each a static cache of `length` tokens and the prefill of `width` prompt
+    tokens, at most MAX_ROWS."""
+    if not torch.cuda.is_available():
+        return min(n_prompts, CPU_ROWS)
+    row = length * kv_bytes_per_token(model) + width * prefill_bytes_per_token(model)
+    fits = int(STATIC_SHARE * memory_budget() // row)
+    if fits < 1:
+        raise torch.OutOfMemoryError(f"one row of {length} tokens does not fit the key/value cache")
+    return min(n_prompts, fits, MAX_ROWS)
+
+
+def compiled(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size=None, compile=True, compile_settings=None,
+             info=None):
+    """Greedy continuations, batch by batch in one shape: `batch_size` rows (default: as many as
+    fit), the last batch filled up with copies of its last prompt, every prompt left-padded to the
+    longest, one static cache reused. The decode step compiles once ("reduce-overhead": CUDA graphs)
+    where transformers can compile the model (16-bit weights on a GPU) and there are at least
+    COMPILE_FROM_STEPS decode steps to run; `compile_settings` override
+    CompileConfig fields and `info`, a dict, receives the settings used (for the benchmark)."""
+    from transformers import CompileConfig, GenerationConfig, StaticCache
+
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = math.ceil(max(map(len, encoded)) / PAD_TO) * PAD_TO
+    rows = batch_size or static_rows(model, width, width + max_new_tokens, len(encoded))
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(stop_ids),
+                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                              disable_compile=True)
+    quantized = getattr(getattr(model, "get_base_model", lambda: model)(), "hf_quantizer", None) is not None
+    steps = math.ceil(len(encoded) / rows) * max_new_tokens
+    if compile and model.device.type == "cuda" and not quantized and steps >= COMPILE_FROM_STEPS:
+        config.disable_compile = False
+        config.compile_config = CompileConfig(**{"dynamic": False, **(compile_settings or {})})
+    if info is not None:
+        info.update(rows=rows, cache_tokens=width + max_new_tokens, compiled=not config.disable_compile)
+    cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
+    device = model.device
+    for start in range(0, len(encoded), rows):
+        idx = list(range(start, min(start + rows, len(encoded))))
+        batch = idx + [idx[-1]] * (rows - len(idx))
+        ids = torch.full((rows, width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((rows, width), dtype=torch.long)
+        for r, i in enumerate(batch):
+            ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[r, width - len(encoded[i]):] = 1
+        cache.reset()
+        started = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+                                 generation_config=config)
+        results = [(i, *_cut(tokenizer, row, stop_ids)) for i, row in zip(idx, out[: len(idx), width:].tolist())]
+        if info is not None:  # the first batch's time includes compiling the decode step
+            info.setdefault("batch_seconds", []).append(round(time.perf_counter() - started, 1))
+            info.setdefault("batch_tokens", []).append(sum(n for _, _, n in results))
+        yield Step(results)
 
 
 def memory_budget():

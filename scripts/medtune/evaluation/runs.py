@@ -40,6 +40,8 @@ def _progress(task, total):
 def _engine(args, model, tokenizer, prompts, stop):
     from medtune.evaluation import generation
 
+    if args.engine == "compiled":
+        return generation.compiled(model, tokenizer, prompts, stop, args.max_new_tokens, args.batch_size)
     if args.engine == "static":
         return generation.static(model, tokenizer, prompts, stop, args.max_new_tokens, args.batch_size or 8)
     return generation.continuous(model, tokenizer, prompts, stop, args.max_new_tokens, args.batch_size)
