@@ -10,7 +10,7 @@ from pathlib import Path
 
 import unsloth  # noqa: F401  (patches transformers/TRL/PEFT on import)
 import torch
-from unsloth import FastLanguageModel
+from unsloth import FastLanguageModel, FastModel
 
 from medtune import distributed
 from medtune.config import resolve_path
@@ -97,8 +97,18 @@ def build_random_model(family, out, sizes, device="cpu", dtype=torch.float32):
     return out
 
 
+# As FastLanguageModel passes them when it hands a model to FastModel (unsloth/models/loader.py).
+FAST_MODEL_OPTIONS = dict(fullgraph=True, return_logits=False) if torch.cuda.is_available() else {}
+
+
 def load_model(source, cfg):
-    """(model, tokenizer) through Unsloth's FastLanguageModel, and a dtype warning or None."""
+    """(model, tokenizer) through Unsloth's FastModel, and a dtype warning or None.
+
+    FastModel keeps transformers' modeling code and compiles each decoder block, with Unsloth's
+    packed varlen attention for padding-free batches: what FastLanguageModel itself picks for Phi-3
+    and Gemma 3. For Mistral FastLanguageModel would swap in Unsloth's hand-written forwards, which
+    run every block eagerly and attend segment by segment on packed rows (BENCHMARKS.md). On a CPU
+    Unsloth's FastModel is FastLanguageModel."""
     dtype, warning = resolve_dtype(cfg.dtype)
     placement = {}
     if torch.cuda.is_available() and distributed.world_size() > 1:
@@ -107,9 +117,9 @@ def load_model(source, cfg):
         placement = dict(device_map={"": distributed.local_rank()})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
-        model, tokenizer = FastLanguageModel.from_pretrained(
+        model, tokenizer = FastModel.from_pretrained(
             model_name=source, max_seq_length=cfg.max_seq_length, dtype=dtype, load_in_4bit=cfg.load_in_4bit,
-            token=os.environ.get("HF_TOKEN"), **placement,
+            token=os.environ.get("HF_TOKEN"), **placement, **FAST_MODEL_OPTIONS,
         )
     return model, tokenizer, warning
 
