@@ -128,6 +128,18 @@ def test_report_compares_at_equal_batch_with_mfu_both_ways():
     assert not any("more GPUs" in line for line in lines)  # not run: no line claims it
 
 
+def test_report_names_the_loader_where_the_notebook_loads_a_family_otherwise():
+    """Mistral: FastLanguageModel (the notebook) swaps in Unsloth's own forwards, this project's
+    FastModel does not; for Phi-3 both load alike. The report says which differences there are."""
+    from medtune.bench.report import where_gains_come_from
+
+    entry = REPORT["models"]["phi3"]
+    assert "against (b) the only difference is gradient checkpointing" in where_gains_come_from(entry, "phi3")
+    mistral = where_gains_come_from(entry, "mistral")
+    assert "against (b) two differences: gradient checkpointing" in mistral and "FastModel" in mistral
+    assert "over 5 measured steps" in render_markdown({**REPORT, "models": {"phi3": {**entry, "steps": 5}}})
+
+
 def test_report_flags_configurations_that_attach_lora_differently_and_failed_runs():
     report = copy.deepcopy(REPORT)
     runs = report["models"]["phi3"]["runs"]

@@ -181,7 +181,8 @@ def measure_model(args, run, family, out, results, save):
     entry = results.setdefault(family, {})
     entry.update(title=fam.title, params=parameter_count(sizes, fam.model_type))
     if {"compare", "tuning"} - args.skip:  # speeds measured now: MFU against this run's matmul rate
-        entry.update(matmul=run.matmul, measured=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+        entry.update(matmul=run.matmul, measured=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                     steps=args.steps)
     if not (model_dir / "config.json").is_file():
         built = run("build", f"{family}-build", family=family, out=str(model_dir))
         if "error" in built:

@@ -228,8 +228,8 @@ def _steady(r):
 def _path(r):
     resolved = r.get("resolved") or {}
     name = r["case"]
-    if r["engine"] == "compiled":
-        name += ", decode step compiled" if resolved.get("compiled") else ", eager"
+    if r["engine"] == "compiled" and not resolved.get("compiled"):
+        name += ", decode step eager"
     rows = r.get("rows") or (resolved.get("rows") if r["engine"] == "compiled" else None)
     return name + (f" ({'batch' if r['engine'] != 'continuous' else 'at most'} {rows} rows)" if rows else "")
 

@@ -74,16 +74,28 @@ def ratios(entry):
     return {k: v for k, v in out.items() if v is not None}
 
 
-def where_gains_come_from(entry):
+# Families FastLanguageModel hands to FastModel (transformers' modeling, compiled per block), as
+# this project's training loads every family; for the others it swaps in Unsloth's own forwards.
+SAME_LOADER = ("phi3", "gemma3")
+
+
+def where_gains_come_from(entry, family=None):
     """One sentence: what differs between (a) and each configuration at the same batch."""
     runs = entry.get("runs", {})
     ours, nb, base = (runs.get(k) for k in ("ours", "notebook", "baseline"))
     if not measured(ours):
         return ""
     parts = []
-    if measured(nb):
-        parts.append(f"against (b) the only difference is gradient checkpointing ({CHECKPOINTING[ours.get('gradient_checkpointing')]} "
-                     f"against {CHECKPOINTING[nb.get('gradient_checkpointing')]}), chosen from the GPU's free memory")
+    checkpointing = (f"gradient checkpointing ({CHECKPOINTING[ours.get('gradient_checkpointing')]} against "
+                     f"{CHECKPOINTING[nb.get('gradient_checkpointing')]}), chosen from the GPU's free memory"
+                     if measured(nb) else "")
+    if measured(nb) and family in SAME_LOADER:
+        parts.append(f"against (b) the only difference is {checkpointing}")
+    elif measured(nb):
+        parts.append(f"against (b) two differences: {checkpointing}, and the loader (this project loads through "
+                     "Unsloth's FastModel, whose per-block compiled code attends over packed rows with varlen "
+                     "attention; the notebook's FastLanguageModel swaps in Unsloth's own forwards for this family, "
+                     "which run each block eagerly and attend segment by segment)")
     if measured(base):
         parts.append("against (c) Unsloth's kernels and padding-free batches (the baseline pads each batch to its "
                      "longest row and recomputes with Hugging Face checkpointing) add to that")
@@ -183,11 +195,16 @@ def profile_table(run):
     return "\n".join(lines + ([f"", p["note"]] if p.get("note") else []))
 
 
+def measured_steps(entry):
+    return f", over {entry['steps']} measured steps" if entry.get("steps") else ""
+
+
 def model_section(family, entry, report):
     rate = (entry.get("matmul") or {}).get("flops_per_s")
     lengths = entry.get("lengths") or {}
     out = [f"## {entry.get('title', family)}", "", f"{entry.get('params', 0) / 1e9:.2f}B parameters. Row lengths: "
            f"{lengths.get('description')}, mean {lengths.get('mean')}. Speeds measured {entry.get('measured', report.get('date'))}"
+           f"{measured_steps(entry)}"
            f"{f' (matmul rate that run: {rate / 1e12:.0f} TFLOP/s)' if rate else ''}.", ""]
     if entry.get("runs"):
         out += [HEADER] + [run_row(name, entry, entry["runs"][k], report) for k, name in LABELS.items()
@@ -196,7 +213,7 @@ def model_section(family, entry, report):
         shown = {k: v for k, v in r.items() if k.startswith("speed")}
         if shown:
             out += ["Speed of (a) against: " + ", ".join(f"{k.replace('speed_vs_', '').replace('_', ' ')} {v:.2f}x"
-                                                        for k, v in shown.items()) + ". " + where_gains_come_from(entry), ""]
+                                                        for k, v in shown.items()) + ". " + where_gains_come_from(entry, family), ""]
         if profile_table(entry["runs"].get("ours")):
             out += ["### Where a step's time goes", "", profile_table(entry["runs"]["ours"]), ""]
     if entry.get("tuning"):
@@ -220,7 +237,7 @@ def render_markdown(report):
         "Written by `python scripts/benchmark.py` (see the README's Measured section). Random-weight models of the real "
         "architectures, built locally and loaded in 4-bit NF4; the same token rows, micro-batch, gradient accumulation "
         "and maximum length (2048) for every configuration, this project's defaults, except the reference row at the "
-        f"notebook's own 2 x 4; {report.get('warmup')} warm-up steps left out, {report.get('steps')} steps measured; "
+        f"notebook's own 2 x 4; {report.get('warmup')} warm-up steps left out, {report.get('steps')} steps measured unless a model's section says otherwise; "
         "each configuration in its own process.",
         "",
         f"- Date: {report.get('date')}",
