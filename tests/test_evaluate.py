@@ -248,3 +248,20 @@ def test_every_engine_gives_the_same_answers_and_reports_throughput(evaluated, t
         assert entry["generated_tokens"] == sum(r["output_tokens"] for r in rows(
             tmp_path / "static" / ("base" if role == "base" else ".") / "pubmedqa-generate.jsonl"))
         assert entry["tokens_per_second"] > 0 and entry["weights"] == "float32"
+
+
+@pytest.mark.slow
+def test_out_of_memory_while_generating_is_one_clear_error(evaluated, tmp_path, monkeypatch):
+    """The default engine sizes its batches itself: running out of memory anyway says so, and how to
+    go on, with the items finished so far kept."""
+    from medtune.evaluation import generation
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        yield
+
+    monkeypatch.setattr(generation, "compiled", out_of_memory)
+    with pytest.raises(UserError, match=r"Out of GPU memory on medqa-generate \(finetuned\) with as many rows at once as "
+                                        r"the free memory seemed to hold and --max-new-tokens 8\. Pass a lower --batch-size"):
+        evaluate(evaluated("phi3"), "--offline", "--mode", "generate", "--limit", "2", "--max-new-tokens", "8",
+                 "--out", tmp_path)

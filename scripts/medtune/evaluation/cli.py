@@ -223,9 +223,12 @@ def evaluate(args):
             try:
                 entry = RUNNERS[task.mode](task, data[task.name][0], **context)
             except torch.OutOfMemoryError:
-                raise UserError(f"Out of GPU memory on {task.key} ({role}) with --batch-size {args.batch_size or 8}"
+                rows = f"--batch-size {args.batch_size or 8}" if args.batch_size or args.engine == "static" or \
+                    task.mode != "generate" else "as many rows at once as the free memory seemed to hold"
+                raise UserError(f"Out of GPU memory on {task.key} ({role}) with {rows}"
                                 f"{f' and --max-new-tokens {args.max_new_tokens}' if task.mode == 'generate' else ''}. "
-                                "Lower them and run the same command again: finished items are kept in "
+                                "Pass a lower --batch-size (or --max-new-tokens) and run the same command again: "
+                                "finished items are kept in "
                                 f"{task.path} and are not evaluated again.") from None
             if task.mode == "generate":
                 entry["weights"] = em.weights_of(model)
