@@ -18,11 +18,13 @@ from medtune.families import FAMILIES
 
 GEMMA = FAMILIES["gemma3"]
 # Short and few: the 262,144-token output layer is most of the cost of a step on a CPU. Every row of
-# the sample fits in 512 tokens but a few long ones (dropped and counted); 16 steps of 2 rows at a
-# high rate teach the format, and the held-out rows show how much was learned.
+# the sample fits in 512 tokens but a few long ones (dropped and counted). 48 steps of 2 rows (about
+# two passes over the 51 training rows) at 2e-3: measured on the held-out rows, 16 steps at 1e-3 left
+# the reasoning block open (closed 0/8), 48 at 2e-3 closed 6/8 with the held-out loss still falling
+# (3.20 -> 2.74), 64 at 3e-3 and 96 at 2e-3 overfit (held-out loss 3.07 and 3.81).
 TRAIN_ARGS = ["--dataset", "data/medical_reasoning_sample.jsonl", "--no-load-in-4bit", "--max-seq-length", 512,
-              "--max-steps", 16, "--batch-size", 2, "--grad-accum", 1, "--learning-rate", 1e-3, "--warmup-steps", 2, "--eval-samples", 8, "--logging-steps", 4,
-              "--eval-steps", 16, "--save-steps", 16]
+              "--max-steps", 48, "--batch-size", 2, "--grad-accum", 1, "--learning-rate", 2e-3, "--warmup-steps", 2,
+              "--eval-samples", 8, "--logging-steps", 8, "--eval-steps", 48, "--save-steps", 48]
 MAX_NEW_TOKENS = 512  # the sample's longest answer is 428 tokens
 STAGES = {}  # seconds per stage, printed at the end
 
@@ -163,6 +165,21 @@ def test_compiled_engine_answers_as_the_earlier_one_on_real_weights(base):
     assert same >= 61 and sum(n for _, n in outputs["static"].values()) > 64
 
 
+@pytest.mark.slow
+def test_the_base_models_end_of_turn_is_found_untrained(base):
+    """Why the trained model does not stop (below): <end_of_turn> was never trained in this base model,
+    and training warns about it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medtune.train.modeling import untrained_turn_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(base[0])
+    GEMMA.prepare_tokenizer(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(base[0], dtype=torch.float32)
+    assert untrained_turn_tokens(model, tokenizer) == [tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+
+
 @pytest.fixture(scope="session")
 def gemma_run(base, runs_root):
     return timed("train", train, "gemma3", "--model", base[0], *TRAIN_ARGS, "--output-dir", runs_root,
@@ -221,6 +238,11 @@ def test_real_model_learns_to_open_the_reasoning_block(base, gemma_run, gemma_ex
         print(f"\n[gemma] {name}: {len(got)} held-out questions, limit {MAX_NEW_TOKENS} tokens: {rates[name]}")
     print(f"[gemma] first answer after training:\n{after[0][0][:1500]}")
     assert rates["after"]["opens <think>"] >= 0.75 > rates["before"]["opens <think>"]
+    assert rates["after"]["closes it"] >= 0.5 > rates["before"]["closes it"]
+    # Not asserted: stopping at <end_of_turn> (0/8 here, 3/8 after 96 overfitting steps). This base model
+    # never trained that token: its embedding, which the output layer shares, is a near copy (cosine
+    # 0.995) of about a thousand <unused> tokens, so LoRA can barely lift its logit above theirs; the
+    # trained model ends its answer with one of those instead. Instruct models (the presets) have it trained.
 
 
 @pytest.mark.slow
@@ -263,7 +285,7 @@ def test_evaluation_and_demo_on_the_real_model(gemma_run, gemma_export):
                       "loglik", "--compare-base", "--limit", 4)
     heldout = {role: loglik["results"][role]["heldout"]["loss"] for role in ("base", "finetuned")}
     print(f"\n[gemma] held-out loss {heldout['base']:.3f} -> {heldout['finetuned']:.3f}")
-    assert heldout["finetuned"] < 0.9 * heldout["base"]  # measured 3.204 -> 2.802
+    assert heldout["finetuned"] < 0.9 * heldout["base"]  # measured 3.204 -> 2.736 in the training log
     _, generate = timed("evaluate generate (export)", evaluate, gemma_export[0], "--offline", "--mode", "generate",
                         "--benchmarks", "medqa,medmcqa,pubmedqa", "--limit", 1, "--max-new-tokens", MAX_NEW_TOKENS)
     results = {k: v for k, v in generate["results"]["finetuned"].items() if k.endswith("generate")}

@@ -208,3 +208,41 @@ def test_gradient_checkpointing_option_lists_its_choices():
         validate(TrainConfig(gradient_checkpointing="maybe"))  # from a --config YAML file
     with pytest.raises(UserError, match="--hang-timeout must be at least 1"):
         parse_config(["--hang-timeout", "0"], "phi3", "t", "t")
+
+
+@pytest.mark.slow
+def test_a_base_model_with_an_untrained_end_of_turn_gets_a_warning(tmp_path, capsys):
+    """A base model whose <end_of_turn> row was never trained (a near copy of many reserved rows, as in
+    Gemma-3-270M): training says that the model may never learn to end its turn, and what to do."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medtune.train.modeling import tiny_model_dir
+
+    base = tmp_path / "tiny-gemma3-base"
+    shutil.copytree(tiny_model_dir(FAMILY_SPECS["gemma3"]), base)
+    eot = AutoTokenizer.from_pretrained(base).convert_tokens_to_ids("<end_of_turn>")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        reserved = weight[300:340].mean(0)
+        weight[300:340] = reserved + 1e-4 * torch.randn(40, weight.shape[1])  # reserved rows, never trained
+        weight[eot] = reserved
+    model.save_pretrained(base)
+    train("gemma3", "--smoke", "--model", base, "--output-dir", tmp_path, "--run-name", "base", "--max-steps", "1")
+    out = capsys.readouterr().out
+    assert "Warning: this model's <end_of_turn> embedding looks untrained (a base model?)" in out
+    assert "Fine-tune the instruct version of the model" in out
+
+
+def test_trained_turn_tokens_get_no_warning():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medtune.train.modeling import tiny_model_dir, untrained_turn_tokens
+
+    for family, spec in FAMILY_SPECS.items():
+        tiny = tiny_model_dir(spec)
+        tokenizer = AutoTokenizer.from_pretrained(tiny)
+        spec.prepare_tokenizer(tokenizer)
+        assert untrained_turn_tokens(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32), tokenizer) == []

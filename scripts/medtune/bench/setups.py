@@ -35,7 +35,7 @@ def load_ours(spec, family, cfg):
     family.prepare_tokenizer(tokenizer)
     checkpointing, why = modeling.choose_checkpointing(model, cfg)
     print(f"[ours] {why}", flush=True)
-    model, targets = modeling.attach_lora(model, cfg, family, checkpointing)
+    model, targets = modeling.attach_lora(model, cfg, family, checkpointing, tokenizer)
     return model, tokenizer, targets, checkpointing
 
 

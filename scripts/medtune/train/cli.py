@@ -145,7 +145,7 @@ def prepare(family, cfg):
     say(describe_data(train_stats, eval_stats, cfg))
     checkpointing, why = modeling.choose_checkpointing(model, cfg)
     say(why)
-    model, targets = modeling.attach_lora(model, cfg, family, checkpointing)
+    model, targets = modeling.attach_lora(model, cfg, family, checkpointing, tokenizer, say)
     return Prepared(cfg, model, tokenizer, targets, system_prompt, train_rows, eval_rows, eval_ex,
                     dict(train=train_stats, eval=eval_stats), checkpointing)
 

@@ -148,9 +148,50 @@ def choose_checkpointing(model, cfg):
 UNSLOTH_CHECKPOINTING = {"unsloth": "unsloth", "true": True, "false": False}
 
 
-def attach_lora(model, cfg, family, checkpointing="unsloth"):
+UNTRAINED_COSINE = 0.99  # a row this close to UNTRAINED_TWINS others was never moved by pretraining
+UNTRAINED_TWINS = 8
+
+
+def untrained_turn_tokens(model, tokenizer):
+    """Ids of the chat template's special tokens (those in a rendered conversation) whose embedding
+    was never trained: a near copy of at least UNTRAINED_TWINS other rows, as a base model's
+    reserved tokens are. LoRA on the linear layers can barely lift such a token's score above its
+    copies' (Gemma-3-270M base: <end_of_turn> at cosine 0.995 to about a thousand <unused> tokens,
+    and the output layer is the embeddings), so the fine-tuned model rarely ends its turn. Instruct
+    models' turn tokens are trained: none is found."""
+    from medtune.train.data import Example, conversation_texts
+
+    text = conversation_texts(tokenizer, Example("Q?", "R.", "A."), "S.")[1]
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    ids = sorted({i for i in tokenizer(text, add_special_tokens=False)["input_ids"] if i in special})
+    weight = model.get_input_embeddings().weight.detach()
+    norms = weight.float().norm(dim=1).clamp_min(1e-12)
+    found = []
+    for i in ids:
+        cosine = (weight @ weight[i]).float() / (norms * norms[i])
+        if int((cosine > UNTRAINED_COSINE).sum()) - 1 >= UNTRAINED_TWINS:
+            found.append(i)
+    return found
+
+
+def warn_untrained_turn_tokens(model, tokenizer, say=print):
+    """One warning when the chat template's turn tokens look untrained (a base model): LoRA alone
+    rarely teaches such a model to end its turn."""
+    found = untrained_turn_tokens(model, tokenizer)
+    if found:
+        names = ", ".join(tokenizer.convert_ids_to_tokens(found))
+        say(f"Warning: this model's {names} embedding looks untrained (a base model?): a near copy of many reserved "
+            "tokens' embeddings. LoRA can barely raise its score above theirs, so the fine-tuned model may never end "
+            "its turn. Fine-tune the instruct version of the model, as the presets do.")
+    return found
+
+
+def attach_lora(model, cfg, family, checkpointing="unsloth", tokenizer=None, say=print):
     """LoRA on every requested projection that exists; an error listing the real names otherwise.
-    checkpointing: a choice of choose_checkpointing."""
+    checkpointing: a choice of choose_checkpointing. With the tokenizer, untrained turn tokens get
+    a warning first."""
+    if tokenizer is not None:
+        warn_untrained_turn_tokens(model, tokenizer, say)
     requested = cfg.target_modules or list(family.lora_targets)
     available = linear_names(model)
     targets, missing = resolve_lora_targets(requested, available)
