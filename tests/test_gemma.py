@@ -167,8 +167,7 @@ def test_compiled_engine_answers_as_the_earlier_one_on_real_weights(base):
 
 @pytest.mark.slow
 def test_the_base_models_end_of_turn_is_found_untrained(base):
-    """Why the trained model does not stop (below): <end_of_turn> was never trained in this base model,
-    and training warns about it."""
+    """<end_of_turn> was never trained in this base model, so training trains its row (below)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -232,17 +231,17 @@ def test_real_model_learns_to_open_the_reasoning_block(base, gemma_run, gemma_ex
     rates = {}
     for name, got in (("before", before), ("after", after)):
         rates[name] = {"opens <think>": sum(t.lstrip().startswith("<think>") for t, _ in got) / len(got),
-                       "closes it": sum("</think>" in t for t, _ in got) / len(got),
+                       "closes it": sum(t.lstrip().startswith("<think>") and "</think>" in t for t, _ in got) / len(got),
                        "stops at end-of-turn": sum(s for _, s in got) / len(got),
                        "all of these": sum(well_formed(t, s) for t, s in got) / len(got)}
         print(f"\n[gemma] {name}: {len(got)} held-out questions, limit {MAX_NEW_TOKENS} tokens: {rates[name]}")
     print(f"[gemma] first answer after training:\n{after[0][0][:1500]}")
     assert rates["after"]["opens <think>"] >= 0.75 > rates["before"]["opens <think>"]
     assert rates["after"]["closes it"] >= 0.5 > rates["before"]["closes it"]
-    # Not asserted: stopping at <end_of_turn> (0/8 here, 3/8 after 96 overfitting steps). This base model
-    # never trained that token: its embedding, which the output layer shares, is a near copy (cosine
-    # 0.995) of about a thousand <unused> tokens, so LoRA can barely lift its logit above theirs; the
-    # trained model ends its answer with one of those instead. Instruct models (the presets) have it trained.
+    # This base model never trained <end_of_turn>: its embedding, which is also the output layer, is a near
+    # copy (cosine 0.995) of about a thousand <unused> tokens. LoRA alone stopped 0/8 (3/8 after 96
+    # overfitting steps); with that row trained too (measured 7/8 with transformers) it stops.
+    assert rates["after"]["stops at end-of-turn"] >= 0.5 > rates["before"]["stops at end-of-turn"]
 
 
 @pytest.mark.slow
@@ -285,7 +284,7 @@ def test_evaluation_and_demo_on_the_real_model(gemma_run, gemma_export):
                       "loglik", "--compare-base", "--limit", 4)
     heldout = {role: loglik["results"][role]["heldout"]["loss"] for role in ("base", "finetuned")}
     print(f"\n[gemma] held-out loss {heldout['base']:.3f} -> {heldout['finetuned']:.3f}")
-    assert heldout["finetuned"] < 0.9 * heldout["base"]  # measured 3.204 -> 2.736 in the training log
+    assert heldout["finetuned"] < 0.9 * heldout["base"]  # measured 3.204 -> 2.703
     _, generate = timed("evaluate generate (export)", evaluate, gemma_export[0], "--offline", "--mode", "generate",
                         "--benchmarks", "medqa,medmcqa,pubmedqa", "--limit", 1, "--max-new-tokens", MAX_NEW_TOKENS)
     results = {k: v for k, v in generate["results"]["finetuned"].items() if k.endswith("generate")}

@@ -211,13 +211,16 @@ def test_gradient_checkpointing_option_lists_its_choices():
 
 
 @pytest.mark.slow
-def test_a_base_model_with_an_untrained_end_of_turn_gets_a_warning(tmp_path, capsys):
+def test_an_untrained_end_of_turn_row_is_trained_and_exported(tmp_path, capsys):
     """A base model whose <end_of_turn> row was never trained (a near copy of many reserved rows, as in
-    Gemma-3-270M): training says that the model may never learn to end its turn, and what to do."""
+    Gemma-3-270M): training says so and trains that row of the embeddings, which the tied output layer
+    shares, with the adapter; export puts the trained row into the merged weights and verifies."""
     import shutil
 
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from medtune.export.cli import export, parse_args
     from medtune.train.modeling import tiny_model_dir
 
     base = tmp_path / "tiny-gemma3-base"
@@ -230,10 +233,17 @@ def test_a_base_model_with_an_untrained_end_of_turn_gets_a_warning(tmp_path, cap
         weight[300:340] = reserved + 1e-4 * torch.randn(40, weight.shape[1])  # reserved rows, never trained
         weight[eot] = reserved
     model.save_pretrained(base)
-    train("gemma3", "--smoke", "--model", base, "--output-dir", tmp_path, "--run-name", "base", "--max-steps", "1")
-    out = capsys.readouterr().out
-    assert "Warning: this model's <end_of_turn> embedding looks untrained (a base model?)" in out
-    assert "Fine-tune the instruct version of the model" in out
+    run = train("gemma3", "--smoke", "--model", base, "--output-dir", tmp_path, "--run-name", "base", "--max-steps", "4")
+    assert "This model's <end_of_turn> embedding looks untrained (a base model)" in capsys.readouterr().out
+    adapter = load_file(run / "adapter_model.safetensors")
+    rows = [k for k in adapter if "token_adapter" in k]
+    assert rows and json.loads((run / "adapter_config.json").read_text())["trainable_token_indices"] == [eot]
+    trained = adapter[rows[0]][0].float()
+    assert not torch.allclose(trained, reserved, atol=1e-4)  # the row moved in training
+    final, report = export(parse_args([str(run), "--quant", "q8_0"]))
+    assert report["passed"], report["checks"]
+    merged = load_file(final / "merged" / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.allclose(merged[eot].float(), trained, atol=1e-2)
 
 
 def test_trained_turn_tokens_get_no_warning():

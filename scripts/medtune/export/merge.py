@@ -19,6 +19,9 @@ from medtune.errors import UserError
 # Companions of a bitsandbytes 4-bit weight in a saved checkpoint: "<name>.weight.absmax" etc.
 BNB_SUFFIX = re.compile(r"\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..+)$")
 ADAPTER_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
+# Embedding rows trained in full (untrained turn tokens of a base model): the new rows, in the order of
+# adapter_config.json's trainable_token_indices.
+TOKEN_KEY = re.compile(r"^base_model\.model\.(.+)\.token_adapter\.trainable_tokens_delta$")
 
 
 def base_files(source):
@@ -49,11 +52,41 @@ def read_adapter(run_dir):
     with safe_open(run_dir / "adapter_model.safetensors", "pt") as f:
         for key in f.keys():
             m = ADAPTER_KEY.match(key)
+            rows = TOKEN_KEY.match(key)
+            if rows:
+                pairs[rows.group(1) + ".weight"] = {"rows": f.get_tensor(key), "ids": _token_ids(config, key)}
+                continue
             if not m:
                 raise UserError(f"Unexpected tensor {key} in {run_dir / 'adapter_model.safetensors'}: not a LoRA A/B "
                                 "weight. Export merges adapters written by this tool's training.")
             pairs.setdefault(m.group(1) + ".weight", {})[m.group(2)] = f.get_tensor(key)
     return pairs, scale
+
+
+def _token_ids(config, key):
+    ids = config.get("trainable_token_indices")
+    if isinstance(ids, dict):
+        ids = next((v for k, v in ids.items() if f".{k}.token_adapter" in key), None)
+    if not ids:
+        raise UserError(f"The adapter holds trained embedding rows ({key}) but adapter_config.json names no "
+                        "trainable_token_indices. Export adapters written by this tool's training.")
+    return ids
+
+
+def _apply(key, w, change, scale, source):
+    """The base weight with the adapter's change: trained embedding rows put in place, or the LoRA
+    product added."""
+    if "rows" in change:
+        w = w.clone()
+        w[torch.tensor(change["ids"])] = change["rows"].to(w.dtype)
+        return w
+    a, b = change["A"].float(), change["B"].float()
+    if (b.shape[0], a.shape[1]) != tuple(w.shape):
+        raise UserError(f"The adapter does not match the base model {source}: its LoRA for {key} is "
+                        f"{b.shape[0]}x{a.shape[1]} but the base weight is {tuple(w.shape)[0]}x"
+                        f"{tuple(w.shape)[1]}. Export the run with the base it was trained on "
+                        "(run_info.json names it).")
+    return w.float() + scale * (b @ a)
 
 
 def _quant_state(name, tensors, f):
@@ -83,13 +116,7 @@ def merge(run_dir, source, out_dir, dtype, progress=print):
                 if state is not None:
                     w = dequantize_4bit(w, state)
                 if key in pairs:
-                    a, b = pairs[key]["A"].float(), pairs[key]["B"].float()
-                    if (b.shape[0], a.shape[1]) != tuple(w.shape):
-                        raise UserError(f"The adapter does not match the base model {source}: its LoRA for {key} is "
-                                        f"{b.shape[0]}x{a.shape[1]} but the base weight is {tuple(w.shape)[0]}x"
-                                        f"{tuple(w.shape)[1]}. Export the run with the base it was trained on "
-                                        "(run_info.json names it).")
-                    w = w.float() + scale * (b @ a)
+                    w = _apply(key, w, pairs[key], scale, source)
                     used.add(key)
                 out[key] = w.to(dtype) if w.is_floating_point() else w
                 total += w.numel()

@@ -174,24 +174,45 @@ def untrained_turn_tokens(model, tokenizer):
     return found
 
 
-def warn_untrained_turn_tokens(model, tokenizer, say=print):
-    """One warning when the chat template's turn tokens look untrained (a base model): LoRA alone
-    rarely teaches such a model to end its turn."""
+def trainable_tokens(model, tokenizer, say=print):
+    """get_peft_model's extra arguments: where the turn tokens look untrained (a base model) and the
+    output layer is the embeddings (tied), their rows are trained with the adapter, so the output
+    rows move too; untied, a warning. Measured on Gemma-3-270M base, 48 steps: stops at
+    <end_of_turn> 7/8 held-out answers with the row trained, 0/8 without (README)."""
     found = untrained_turn_tokens(model, tokenizer)
-    if found:
-        names = ", ".join(tokenizer.convert_ids_to_tokens(found))
-        say(f"Warning: this model's {names} embedding looks untrained (a base model?): a near copy of many reserved "
-            "tokens' embeddings. LoRA can barely raise its score above theirs, so the fine-tuned model may never end "
-            "its turn. Fine-tune the instruct version of the model, as the presets do.")
-    return found
+    if not found:
+        return {}
+    names = ", ".join(tokenizer.convert_ids_to_tokens(found))
+    if not model.config.get_text_config().tie_word_embeddings:
+        say(f"Warning: this model's {names} embedding looks untrained (a base model?) and its output layer is not "
+            "the embeddings, so LoRA can barely raise its score and the fine-tuned model may never end its turn. "
+            "Fine-tune the instruct version of the model, as the presets do.")
+        return {}
+    say(f"This model's {names} embedding looks untrained (a base model): a near copy of many reserved tokens'. "
+        "Its row of the embeddings, which are also the output layer, is trained with the adapter, so the model can "
+        "learn to end its turn (each step computes the output layer's full gradient: slower).")
+    return {"trainable_token_indices": found}
+
+
+def expose_trained_rows(model):
+    """TRL's fused LM head (and Unsloth's fused loss) multiply by `lm_head.weight` directly, while
+    PEFT's trainable-token wrapper applies its trained rows only in its own forward. Give the output
+    layer's wrapper a `weight` that is the base weight with the trained rows in place
+    (differentiable in them) and its base layer's `bias`, so the loss trains the output rows too."""
+    head = model.get_output_embeddings()
+    if getattr(head, "token_adapter", None) is None:
+        return
+    cls = type(head)
+    head.__class__ = type(cls.__name__, (cls,), {
+        "weight": property(lambda self: self.token_adapter.get_merged_weights(self.token_adapter.active_adapters)),
+        "bias": property(lambda self: getattr(self.token_adapter.base_layer, "bias", None)),
+    })
 
 
 def attach_lora(model, cfg, family, checkpointing="unsloth", tokenizer=None, say=print):
     """LoRA on every requested projection that exists; an error listing the real names otherwise.
-    checkpointing: a choice of choose_checkpointing. With the tokenizer, untrained turn tokens get
-    a warning first."""
-    if tokenizer is not None:
-        warn_untrained_turn_tokens(model, tokenizer, say)
+    checkpointing: a choice of choose_checkpointing. With the tokenizer, untrained turn tokens are
+    trained too (trainable_tokens)."""
     requested = cfg.target_modules or list(family.lora_targets)
     available = linear_names(model)
     targets, missing = resolve_lora_targets(requested, available)
@@ -201,7 +222,9 @@ def attach_lora(model, cfg, family, checkpointing="unsloth", tokenizer=None, say
     model = FastLanguageModel.get_peft_model(
         model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
         bias="none", use_gradient_checkpointing=UNSLOTH_CHECKPOINTING[checkpointing], random_state=cfg.seed,
+        **(trainable_tokens(model, tokenizer, say) if tokenizer is not None else {}),
     )
+    expose_trained_rows(model)
     attached = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
     layers = model.config.num_hidden_layers
     assert attached == layers * len(targets), f"LoRA attached to {attached} modules, expected {layers} x {targets}"
