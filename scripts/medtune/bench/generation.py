@@ -241,10 +241,10 @@ def _medqa(r):
     resolved = r.get("resolved") or {}
     seconds, rows = resolved.get("batch_seconds") or [], resolved.get("rows")
     if len(seconds) > 1 and rows:
-        batches = math.ceil(MEDQA_ITEMS / rows)
-        total = seconds[0] + (batches - 1) * sum(seconds[1:]) / len(seconds[1:])
+        batches, steady = math.ceil(MEDQA_ITEMS / rows), sum(seconds[1:]) / len(seconds[1:])
+        total = seconds[0] + (batches - 1) * steady
         return total / 60, f"first batch {seconds[0]:.0f} s with compiling, then {batches - 1} batches of {rows} rows " \
-                           f"at {sum(seconds[1:]) / len(seconds[1:]):.0f} s each"
+                           f"at {steady:.0f} s each"
     return MEDQA_ITEMS * r["new_tokens"] / r["tokens_per_s"] / 60, f"at the overall {r['tokens_per_s']:,.0f} tokens/s"
 
 
