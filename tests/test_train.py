@@ -210,17 +210,13 @@ def test_gradient_checkpointing_option_lists_its_choices():
         parse_config(["--hang-timeout", "0"], "phi3", "t", "t")
 
 
-@pytest.mark.slow
-def test_an_untrained_end_of_turn_row_is_trained_and_exported(tmp_path, capsys):
-    """A base model whose <end_of_turn> row was never trained (a near copy of many reserved rows, as in
-    Gemma-3-270M): training says so and trains that row of the embeddings, which the tied output layer
-    shares, with the adapter; export puts the trained row into the merged weights and verifies."""
+def untrained_eot_base(tmp_path):
+    """The tiny Gemma with its <end_of_turn> row made a near copy of 40 reserved rows, as in the real
+    Gemma-3-270M base: (folder, the token's id, the row)."""
     import shutil
 
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from medtune.export.cli import export, parse_args
     from medtune.train.modeling import tiny_model_dir
 
     base = tmp_path / "tiny-gemma3-base"
@@ -233,13 +229,57 @@ def test_an_untrained_end_of_turn_row_is_trained_and_exported(tmp_path, capsys):
         weight[300:340] = reserved + 1e-4 * torch.randn(40, weight.shape[1])  # reserved rows, never trained
         weight[eot] = reserved
     model.save_pretrained(base)
+    return base, eot, reserved
+
+
+def test_the_turn_row_trains_after_unsloths_gpu_freeze(tmp_path):
+    """On a GPU, Unsloth's loader runs unsloth_zoo's prepare_model_for_training after PEFT has attached,
+    which freezes every parameter not named lora_*: on an H200 the trained row stayed at its initial
+    value (8 steps, lr 2e-3; Unsloth counted 63,488 trainable parameters, the LoRA ones only). The same
+    function runs here on the CPU; expose_trained_rows unfreezes the row, and a loss through the output
+    layer's `weight` (as the fused losses read it) gives the row a gradient."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from unsloth_zoo.training_utils import prepare_model_for_training
+
+    from medtune.train.modeling import expose_trained_rows, trainable_tokens
+
+    base, eot, _ = untrained_eot_base(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    extra = trainable_tokens(model, tokenizer, say=lambda *a: None)
+    assert extra == {"trainable_token_indices": [eot]}
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], **extra))
+    model = prepare_model_for_training(model, use_gradient_checkpointing=False)
+    delta = [p for n, p in model.named_parameters() if ".token_adapter.trainable_tokens_delta." in n]
+    assert len(delta) == 1 and not delta[0].requires_grad  # what Unsloth's GPU path leaves
+    expose_trained_rows(model)
+    assert delta[0].requires_grad
+    ids = tokenizer("<start_of_turn>model\nYes.<end_of_turn>", return_tensors="pt")["input_ids"]
+    hidden = model.base_model.model.model(input_ids=ids).last_hidden_state
+    logits = hidden @ model.get_output_embeddings().weight.T
+    torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
+    assert delta[0].grad is not None and delta[0].grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_an_untrained_end_of_turn_row_is_trained_and_exported(tmp_path, capsys):
+    """A base model whose <end_of_turn> row was never trained (a near copy of many reserved rows, as in
+    Gemma-3-270M): training says so and trains that row of the embeddings, which the tied output layer
+    shares, with the adapter; export puts the trained row into the merged weights and verifies."""
+    from safetensors.torch import load_file
+
+    from medtune.export.cli import export, parse_args
+
+    base, eot, reserved = untrained_eot_base(tmp_path)
     run = train("gemma3", "--smoke", "--model", base, "--output-dir", tmp_path, "--run-name", "base", "--max-steps", "4")
     assert "This model's <end_of_turn> embedding looks untrained (a base model)" in capsys.readouterr().out
     adapter = load_file(run / "adapter_model.safetensors")
     rows = [k for k in adapter if "token_adapter" in k]
     assert rows and json.loads((run / "adapter_config.json").read_text())["trainable_token_indices"] == [eot]
     trained = adapter[rows[0]][0].float()
-    assert not torch.allclose(trained, reserved, atol=1e-4)  # the row moved in training
+    # The row moved in training: by about lr x steps (frozen, it differs only by rounding, about 1e-4).
+    assert (trained - reserved).abs().max() > 1e-3
     final, report = export(parse_args([str(run), "--quant", "q8_0"]))
     assert report["passed"], report["checks"]
     merged = load_file(final / "merged" / "model.safetensors")["model.embed_tokens.weight"]

@@ -196,10 +196,17 @@ def trainable_tokens(model, tokenizer, say=print):
 
 
 def expose_trained_rows(model):
-    """TRL's fused LM head multiplies by `lm_head.weight` directly, while
-    PEFT's trainable-token wrapper applies its trained rows only in its own forward. Give the output
-    layer's wrapper a `weight` that is the base weight with the trained rows in place
-    (differentiable in them) and its base layer's `bias`, so the loss trains the output rows too."""
+    """Make the rows of PEFT's trainable tokens train, on every path:
+    - on a GPU, Unsloth's loader freezes every parameter not named lora_* after PEFT has attached
+      (unsloth_zoo's prepare_model_for_training), the trained rows included: found on an H200, where
+      they stayed at their initial value; they are unfrozen again here;
+    - TRL's fused LM head and Unsloth's fused loss multiply by `lm_head.weight` directly, while PEFT's
+      wrapper applies its trained rows only in its own forward: the output layer's wrapper gets a
+      `weight` that is the base weight with the trained rows in place (differentiable in them) and
+      its base layer's `bias`, so the loss trains the output rows too."""
+    for name, param in model.named_parameters():
+        if ".token_adapter.trainable_tokens_delta." in name:
+            param.requires_grad_(True)
     head = model.get_output_embeddings()
     if getattr(head, "token_adapter", None) is None:
         return
