@@ -251,7 +251,8 @@ def render_markdown(report):
         "",
     ]
     if report.get("commands"):
-        out += ["Measured by these runs, one after the other on the same machine:", ""]
+        out += ["Measured by these runs, one after the other on the same kind of machine (runs of different "
+                "starts of the machine can differ by a few percent: see the notes):", ""]
         out += [f"- `{c}`" if "(" not in c else f"- `{c[:c.index(' (')]}` {c[c.index(' (') + 1:]}" for c in report["commands"]]
         out += [""]
     for family, entry in report.get("models", {}).items():
