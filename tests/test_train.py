@@ -238,11 +238,11 @@ def test_the_turn_row_trains_after_unsloths_gpu_freeze(tmp_path):
     value (8 steps, lr 2e-3; Unsloth counted 63,488 trainable parameters, the LoRA ones only). The same
     function runs here on the CPU; expose_trained_rows unfreezes the row, and a loss through the output
     layer's `weight` (as the fused losses read it) gives the row a gradient."""
+    from medtune.train.modeling import expose_trained_rows, trainable_tokens  # imports Unsloth first
+
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from unsloth_zoo.training_utils import prepare_model_for_training
-
-    from medtune.train.modeling import expose_trained_rows, trainable_tokens
 
     base, eot, _ = untrained_eot_base(tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -296,3 +296,15 @@ def test_trained_turn_tokens_get_no_warning():
         tokenizer = AutoTokenizer.from_pretrained(tiny)
         spec.prepare_tokenizer(tokenizer)
         assert untrained_turn_tokens(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32), tokenizer) == []
+
+
+def test_the_banner_names_the_model_trained():
+    """The preset's title only for the preset's model: the real Gemma-3-270M is not Gemma-3-1B-it."""
+    from medtune.train.cli import model_label
+
+    gemma = FAMILY_SPECS["gemma3"]
+    assert model_label(gemma, TrainConfig(model=gemma.default_model)) == "Gemma-3-1B-it"
+    assert model_label(gemma, TrainConfig(model="/data/models/gemma-3-270m/")) == "gemma-3-270m (gemma3 family)"
+    assert model_label(gemma, TrainConfig(model="google/gemma-3-270m")) == "gemma-3-270m (gemma3 family)"
+    assert model_label(gemma, TrainConfig(model="/cache/tiny/gemma3", smoke=True)) == \
+        "Gemma-3-1B-it (tiny random-weight stand-in)"

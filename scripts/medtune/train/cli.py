@@ -150,6 +150,16 @@ def prepare(family, cfg):
                     dict(train=train_stats, eval=eval_stats), checkpointing)
 
 
+def model_label(family, cfg):
+    """The family's title for its preset model; otherwise the model's own name (a local folder or
+    another Hub id: the real Gemma-3-270M is not the preset's Gemma-3-1B-it)."""
+    if cfg.model in (None, family.default_model):
+        return family.title
+    if cfg.smoke:
+        return f"{family.title} (tiny random-weight stand-in)"
+    return f"{Path(str(cfg.model).rstrip('/')).name} ({family.name} family)"
+
+
 def train(family, p, run_dir, checkpoint, callbacks):
     import torch
 
@@ -165,7 +175,7 @@ def train(family, p, run_dir, checkpoint, callbacks):
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     n = distributed.world_size()
-    say(f"Training {family.title} LoRA r={cfg.lora_r} on {', '.join(p.targets)}: "
+    say(f"Training {model_label(family, cfg)} LoRA r={cfg.lora_r} on {', '.join(p.targets)}: "
         f"{trainer.args.max_steps if trainer.args.max_steps > 0 else 'epochs=' + str(cfg.epochs)} steps, effective "
         f"batch {effective_batch(cfg, n)} = batch {cfg.batch_size} x grad-accum {cfg.grad_accum} x {n} "
         f"process{'es' * (n > 1)}, on {describe_device()}{f', resuming from {checkpoint.name}' if checkpoint else ''}.")
@@ -191,7 +201,7 @@ def finish(family, p, run_dir, checkpoint, trainer, log, result, wall):
     p.tokenizer.save_pretrained(run_dir)
     has_spm = copy_tokenizer_model(cfg.model, run_dir)
     records = read_jsonl(run_dir / runfolder.METRICS, missing_ok=True)
-    plot_losses(records, run_dir / runfolder.LOSS_CURVE, f"{family.title} LoRA: {cfg.run_name}")
+    plot_losses(records, run_dir / runfolder.LOSS_CURVE, f"{model_label(family, cfg)} LoRA: {cfg.run_name}")
     losses = [r["loss"] for r in records if "loss" in r]
     eval_losses = [r["eval_loss"] for r in records if "eval_loss" in r]
     speed = log.throughput()
