@@ -301,10 +301,14 @@ def test_trained_turn_tokens_get_no_warning():
 def test_the_banner_names_the_model_trained():
     """The preset's title only for the preset's model: the real Gemma-3-270M is not Gemma-3-1B-it."""
     from medtune.train.cli import model_label
+    from medtune.train.modeling import tiny_model_path
 
     gemma = FAMILY_SPECS["gemma3"]
     assert model_label(gemma, TrainConfig(model=gemma.default_model)) == "Gemma-3-1B-it"
     assert model_label(gemma, TrainConfig(model="/data/models/gemma-3-270m/")) == "gemma-3-270m (gemma3 family)"
     assert model_label(gemma, TrainConfig(model="google/gemma-3-270m")) == "gemma-3-270m (gemma3 family)"
-    assert model_label(gemma, TrainConfig(model="/cache/tiny/gemma3", smoke=True)) == \
+    assert model_label(gemma, TrainConfig(model=str(tiny_model_path(gemma)), smoke=True)) == \
         "Gemma-3-1B-it (tiny random-weight stand-in)"
+    # --smoke's settings with a model of the user's own: that model, not the stand-in
+    assert model_label(gemma, TrainConfig(model="/data/models/gemma-3-270m", smoke=True)) == \
+        "gemma-3-270m (gemma3 family)"

@@ -153,9 +153,11 @@ def prepare(family, cfg):
 def model_label(family, cfg):
     """The family's title for its preset model; otherwise the model's own name (a local folder or
     another Hub id: the real Gemma-3-270M is not the preset's Gemma-3-1B-it)."""
+    from medtune.train.modeling import tiny_model_path
+
     if cfg.model in (None, family.default_model):
         return family.title
-    if cfg.smoke:
+    if Path(str(cfg.model)) == tiny_model_path(family):  # what --smoke trains unless --model is given
         return f"{family.title} (tiny random-weight stand-in)"
     return f"{Path(str(cfg.model).rstrip('/')).name} ({family.name} family)"
 

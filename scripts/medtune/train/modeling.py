@@ -69,9 +69,14 @@ def check_model_source(name):
     return name
 
 
+def tiny_model_path(family):
+    """Where tiny_model_dir keeps the family's 2-layer stand-in (built or not)."""
+    return cache_dir() / "tiny" / family.name
+
+
 def tiny_model_dir(family):
     """A 2-layer random-weight model of the family with its real tokenizer, built once in the cache."""
-    out = cache_dir() / "tiny" / family.name
+    out = tiny_model_path(family)
     with distributed.local_main_first():  # under torchrun one process builds it, the others find it built
         if not (out / "config.json").is_file():
             build_random_model(family, out, family.tiny_config)
