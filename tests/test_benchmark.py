@@ -69,6 +69,11 @@ def test_mfu_and_steady_state():
     assert speed["tokens_per_s"] == pytest.approx(2000) and speed["s_per_step"] == pytest.approx(0.5)
     assert speed["steps_measured"] == "6-7"
     assert steady_state(steps[:5], warmup=5) is None
+    # Step 7 compiled a new shape of a block (its compile count rose): left out and named.
+    steps = [(*s, 3) for s in steps[:6]] + [(7, 36.0, 7000, 5), (8, 36.5, 8000, 5), (9, 37.0, 9000, 5)]
+    speed = steady_state(steps, warmup=5)
+    assert speed["tokens_per_s"] == pytest.approx(2000) and speed["s_per_step"] == pytest.approx(0.5)
+    assert speed["steps_measured"] == "6-9 less 1 that compiled" and speed["compiling_steps"] == [7]
 
 
 def run_result(tokens_per_s, reserved, trainable=25_165_824, batch=(8, 1), checkpointing="false", losses=None):
@@ -138,6 +143,15 @@ def test_report_names_the_loader_where_the_notebook_loads_a_family_otherwise():
     mistral = where_gains_come_from(entry, "mistral")
     assert "against (b) two differences: gradient checkpointing" in mistral and "FastModel" in mistral
     assert "over 5 measured steps" in render_markdown({**REPORT, "models": {"phi3": {**entry, "steps": 5}}})
+
+
+def test_report_names_the_measured_steps_that_compiled():
+    report = copy.deepcopy(REPORT)
+    runs = report["models"]["phi3"]["runs"]
+    assert "torch.compile compiled" not in render_markdown(report)  # results from before the worker recorded it
+    runs["ours"]["compiling_steps"], runs["notebook"]["compiling_steps"] = [9, 14], []
+    assert ("Measured steps left out because torch.compile compiled during them (a new shape of a compiled block: "
+            "a one-off cost a long run does not repeat): (a) 9, 14; (b) none.") in render_markdown(report)
 
 
 def test_report_flags_configurations_that_attach_lora_differently_and_failed_runs():

@@ -96,16 +96,21 @@ def mfu(n_params, tokens_per_s, matmul_flops_per_s):
 
 
 def steady_state(steps, warmup):
-    """(tokens/s, s/step, steps measured) from [(step, seconds, tokens seen)] after `warmup` steps;
-    None when fewer than two steps remain to time."""
+    """(tokens/s, s/step, steps measured, steps left out) from [(step, seconds, tokens seen[, compile
+    events so far])] after `warmup` steps; None when no step remains to time. A step during which
+    torch.compile compiled something (a new shape of a compiled block: tens of seconds once, then
+    never again in a long run) is left out and named."""
     kept = [s for s in steps if s[0] >= warmup]
-    if len(kept) < 2:
+    pairs = list(zip(kept, kept[1:]))
+    timed = [(a, b) for a, b in pairs if len(b) < 4 or b[3] == a[3]]
+    seconds = sum(b[1] - a[1] for a, b in timed)
+    if not timed or seconds <= 0:
         return None
-    (s0, t0, n0), (s1, t1, n1) = kept[0], kept[-1]
-    if t1 <= t0:
-        return None
-    return {"tokens_per_s": (n1 - n0) / (t1 - t0), "s_per_step": (t1 - t0) / (s1 - s0),
-            "steps_measured": f"{s0 + 1}-{s1}"}
+    compiled = [b[0] for a, b in pairs if len(b) >= 4 and b[3] != a[3]]
+    return {"tokens_per_s": sum(b[2] - a[2] for a, b in timed) / seconds, "s_per_step": seconds / len(timed),
+            "steps_measured": f"{kept[0][0] + 1}-{kept[-1][0]}"
+                              + (f" less {len(compiled)} that compiled" if compiled else ""),
+            "compiling_steps": compiled}
 
 
 def hardware_flops_per_token(n_params, recomputed):

@@ -195,6 +195,17 @@ def profile_table(run):
     return "\n".join(lines + ([f"", p["note"]] if p.get("note") else []))
 
 
+def compiled_note(entry):
+    """Which measured steps of the comparison compiled (left out of the speeds), where recorded."""
+    short = {"ours": "(a)", "notebook": "(b)", "baseline": "(c)", "notebook_2x4": "the reference"}
+    runs = {short[k]: r for k, r in entry.get("runs", {}).items() if k in short and "compiling_steps" in r}
+    if not runs:
+        return ""
+    said = [f"{name} {', '.join(map(str, r['compiling_steps'])) or 'none'}" for name, r in runs.items()]
+    return ("Measured steps left out because torch.compile compiled during them (a new shape of a compiled block: "
+            "a one-off cost a long run does not repeat): " + "; ".join(said) + ".")
+
+
 def measured_steps(entry):
     return f", over {entry['steps']} measured steps" if entry.get("steps") else ""
 
@@ -214,6 +225,8 @@ def model_section(family, entry, report):
         if shown:
             out += ["Speed of (a) against: " + ", ".join(f"{k.replace('speed_vs_', '').replace('_', ' ')} {v:.2f}x"
                                                         for k, v in shown.items()) + ". " + where_gains_come_from(entry, family), ""]
+        if compiled_note(entry):
+            out += [compiled_note(entry), ""]
         if profile_table(entry["runs"].get("ours")):
             out += ["### Where a step's time goes", "", profile_table(entry["runs"]["ours"]), ""]
     if entry.get("tuning"):

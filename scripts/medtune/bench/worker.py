@@ -86,9 +86,19 @@ def matmul(spec):
     return {"gpu": gpu, "flops_per_s": max(best.values()), "by_size": {str(k): round(v / 1e12, 1) for k, v in best.items()}}
 
 
+def compile_events():
+    """How many times torch.compile has compiled something in this process so far (a step that raises
+    it compiled; medtune.bench.perf.steady_state leaves such steps out)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return 0
+    return sum(len(v) for v in compilation_time_metrics.values())
+
+
 def step_timer():
-    """A callback keeping (step, seconds, input tokens seen) at the end of each optimizer step, with the
-    GPU's work finished, and the logged losses. Built here: transformers may only be imported after
+    """A callback keeping (step, seconds, input tokens seen, compile events) at the end of each optimizer
+    step, with the GPU's work finished, and the logged losses. Built here: transformers may only be imported after
     Unsloth, and the baseline imports it without."""
     from transformers import TrainerCallback
 
@@ -102,7 +112,8 @@ def step_timer():
 
         def on_step_end(self, args, state, control, **kw):
             cuda_sync()
-            self.steps.append((state.global_step, time.perf_counter() - self.start, state.num_input_tokens_seen))
+            self.steps.append((state.global_step, time.perf_counter() - self.start, state.num_input_tokens_seen,
+                               compile_events()))
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -190,6 +201,7 @@ def train(spec):
                    "first_step_s": round(timer.steps[0][1], 1), "steps": len(measured), "tokens": measured[-1][2],
                    "losses": timer.losses, "world_size": distributed.world_size(),
                    "largest_step_tokens": max(b[2] - a[2] for a, b in zip([(0, 0, 0)] + measured, measured)),
+                   "step_seconds": [round(b[1] - a[1], 3) for a, b in zip([(0, 0.0)] + measured, measured)],
                    "varlen_probe": {"before_training": probe_before, "after": varlen_probe_state()},
                    "cap_gib": round(spec["cap_bytes"] / 2**30, 2) if spec.get("cap_bytes") else None, **(speed or {})})
     return result if distributed.is_main() else None
