@@ -143,6 +143,13 @@ def test_report_names_the_loader_where_the_notebook_loads_a_family_otherwise():
     mistral = where_gains_come_from(entry, "mistral")
     assert "against (b) two differences: gradient checkpointing" in mistral and "FastModel" in mistral
     assert "over 5 measured steps" in render_markdown({**REPORT, "models": {"phi3": {**entry, "steps": 5}}})
+    copies = copy.deepcopy(entry)
+    copies["runs"]["ours"]["dequantized_once"] = True
+    said = where_gains_come_from(copies, "phi3")
+    assert "against (b) two differences: gradient checkpointing" in said and "16-bit copies dequantized once" in said
+    assert "against (b) three differences" in where_gains_come_from(copies, "mistral")
+    assert "| defaults: none checkpointing, 16-bit copies of the 4-bit weights (auto) |" in render_markdown(
+        {**REPORT, "models": {"phi3": copies}})
 
 
 def test_report_names_the_measured_steps_that_compiled():

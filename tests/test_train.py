@@ -1,5 +1,6 @@
 """The real Unsloth + TRL path on tiny random-weight models with the real tokenizers."""
 import json
+import math
 import subprocess
 import sys
 
@@ -208,6 +209,62 @@ def test_gradient_checkpointing_option_lists_its_choices():
         validate(TrainConfig(gradient_checkpointing="maybe"))  # from a --config YAML file
     with pytest.raises(UserError, match="--hang-timeout must be at least 1"):
         parse_config(["--hang-timeout", "0"], "phi3", "t", "t")
+
+
+def test_dequantize_once_only_where_memory_is_plentiful():
+    from medtune.train.memory import HEADROOM, MARGIN, activation_bytes, choose_dequantize
+
+    phi3 = FAMILY_SPECS["phi3"].full_config
+    need, copies = activation_bytes(phi3, 8 * 2048), int(6.7 * GIB)  # Phi-3-mini's linear weights in 16 bits
+    made, line = choose_dequantize("auto", copies, "false", need, 134 * GIB)  # an H200
+    assert made and "dequantized once to 16-bit copies (6.7 GiB)" in line and "134.0 GiB" in line
+    edge = math.ceil(need * MARGIN + copies * MARGIN + HEADROOM)
+    assert choose_dequantize("auto", copies, "false", need, edge)[0]
+    assert not choose_dequantize("auto", copies, "false", need, edge - 1)[0]  # activations fit, copies not
+    made, line = choose_dequantize("auto", copies, "unsloth", need, 11 * GIB)  # a T4: checkpointing on
+    assert not made and "gradient checkpointing is on" in line
+    made, line = choose_dequantize("auto", copies, "unsloth", need, None)  # no GPU
+    assert not made and "no GPU memory to measure" in line
+    assert choose_dequantize("true", copies, "unsloth", need, 1)[0] and not choose_dequantize("false", copies, "false", 0, 10**15)[0]
+    assert choose_dequantize("auto", 0, "false", need, 134 * GIB) == (False, "Frozen weights: 16-bit already (no 4-bit weight to dequantize).")
+    with pytest.raises(ValueError):
+        choose_dequantize("yes", copies, "false", need, 1)
+
+
+def test_dequantized_copies_compute_what_the_4bit_layers_do_and_train_lora():
+    """bitsandbytes' real NF4 layers (on the CPU) in a tiny Phi-3: replaced by their dequantized
+    copies, the model gives the same logits, and LoRA on the copies trains while they stay frozen."""
+    from medtune.train.modeling import tiny_model_dir  # imports Unsloth first
+
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from medtune.train.dequantize import copy_bytes, dequantize_once, quantized_linears
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(FAMILY_SPECS["phi3"]), dtype=torch.float32)
+    for parent in list(model.model.layers.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=torch.float32,
+                                          quant_type="nf4")
+                layer.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4")._quantize("cpu")
+                setattr(parent, name, layer)
+    n = len(quantized_linears(model))
+    assert n == 4 * model.config.num_hidden_layers  # qkv, o, gate_up, down
+    assert copy_bytes(model) == 2 * sum(c.in_features * c.out_features for _, _, c in quantized_linears(model))
+    ids = torch.randint(0, 1000, (2, 16))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    assert dequantize_once(model) == n and quantized_linears(model) == []
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.allclose(before, after, atol=1e-5), (before - after).abs().max()
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["qkv_proj", "down_proj"], init_lora_weights=False))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert grads and all("lora_" in name for name in grads) and all(g.abs().sum() > 0 for g in grads.values())
+    assert not model.base_model.model.model.layers[0].self_attn.qkv_proj.base_layer.weight.requires_grad
 
 
 def untrained_eot_base(tmp_path):

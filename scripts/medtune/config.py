@@ -75,6 +75,11 @@ class TrainConfig:
                 "(batch x --max-seq-length, estimated from the model's shape) fit the GPU's free memory, else unsloth "
                 "(Unsloth's checkpointing, activations offloaded to the CPU; what a 15 GB T4 needs); true = plain "
                 "recomputation; false = none.", choices=("auto", "unsloth", "true", "false"))
+    dequantize_once: str = _f(
+        "auto", "Keep 16-bit copies of the frozen 4-bit weights, dequantized once at load: the same values the 4-bit "
+                "layers dequantize at every use, without that work in each forward and backward, at 4x the weights' "
+                "memory. auto = where the GPU also keeps every activation (see --gradient-checkpointing) and has room "
+                "for both; true = always; false = never.", choices=("auto", "true", "false"))
     hang_timeout: int = _f(600, "Seconds without a finished optimizer step (the first one, which compiles, included) "
                                 "after which every process stops with an error showing where each one waits.")
     seed: int = _f(3407, "Seed for LoRA init, data split, shuffling and dropout.")
@@ -96,7 +101,8 @@ SMOKE_DEFAULTS = dict(
 )
 # Options that may differ from the saved config when resuming: they don't change what was trained so far.
 RESUMABLE_CHANGES = {"max_steps", "epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                     "report_to", "resume", "overwrite", "gradient_checkpointing", "hang_timeout", "verbose"}
+                     "report_to", "resume", "overwrite", "gradient_checkpointing", "dequantize_once", "hang_timeout",
+                     "verbose"}
 NOT_SAVED = {"resume", "overwrite", "verbose"}
 
 

@@ -38,7 +38,8 @@ LADDERS = {"phi3": [2048, 3072, 4096], "mistral": [2048, 4096, 6144, 8192, 12288
 # Packing fills sequences of 2048 tokens with rows of about 900: batch 4 holds about the 8 rows of
 # the default batch.
 TUNING = [
-    ("Unsloth's offloaded checkpointing (the previous default)", {"gradient_checkpointing": "unsloth"}),
+    ("the previous defaults: Unsloth's offloaded checkpointing, 4-bit weights dequantized at each use", {"gradient_checkpointing": "unsloth"}),
+    ("4-bit weights dequantized at each use (no 16-bit copies)", {"dequantize_once": "false"}),
     ("TRL best-fit packing, batch 4 x 2048 tokens", {"packing": True, "batch_size": 4}),
 ]
 

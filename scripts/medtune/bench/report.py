@@ -77,6 +77,7 @@ def ratios(entry):
 # Families FastLanguageModel hands to FastModel (transformers' modeling, compiled per block), as
 # this project's training loads every family; for the others it swaps in Unsloth's own forwards.
 SAME_LOADER = ("phi3", "gemma3")
+NUMBERS = {2: "two", 3: "three"}
 
 
 def where_gains_come_from(entry, family=None):
@@ -86,16 +87,19 @@ def where_gains_come_from(entry, family=None):
     if not measured(ours):
         return ""
     parts = []
-    checkpointing = (f"gradient checkpointing ({CHECKPOINTING[ours.get('gradient_checkpointing')]} against "
-                     f"{CHECKPOINTING[nb.get('gradient_checkpointing')]}), chosen from the GPU's free memory"
-                     if measured(nb) else "")
-    if measured(nb) and family in SAME_LOADER:
-        parts.append(f"against (b) the only difference is {checkpointing}")
-    elif measured(nb):
-        parts.append(f"against (b) two differences: {checkpointing}, and the loader (this project loads through "
-                     "Unsloth's FastModel, whose per-block compiled code attends over packed rows with varlen "
-                     "attention; the notebook's FastLanguageModel swaps in Unsloth's own forwards for this family, "
-                     "which run each block eagerly and attend segment by segment)")
+    if measured(nb):
+        differences = [f"gradient checkpointing ({CHECKPOINTING[ours.get('gradient_checkpointing')]} against "
+                       f"{CHECKPOINTING[nb.get('gradient_checkpointing')]}), chosen from the GPU's free memory"]
+        if ours.get("dequantized_once"):
+            differences.append("the frozen weights (16-bit copies dequantized once at load, against the 4-bit weights "
+                               "dequantized by bitsandbytes in every forward and backward), also chosen from free memory")
+        if family not in SAME_LOADER:
+            differences.append("the loader (this project loads through Unsloth's FastModel, whose per-block compiled "
+                               "code attends over packed rows with varlen attention; the notebook's FastLanguageModel "
+                               "swaps in Unsloth's own forwards for this family, which run each block eagerly and "
+                               "attend segment by segment)")
+        parts.append(f"against (b) the only difference is {differences[0]}" if len(differences) == 1 else
+                     f"against (b) {NUMBERS[len(differences)]} differences: " + "; ".join(differences))
     if measured(base):
         parts.append("against (c) Unsloth's kernels and padding-free batches (the baseline pads each batch to its "
                      "longest row and recomputes with Hugging Face checkpointing) add to that")
@@ -147,7 +151,10 @@ def summary_table(report):
 
 def tuning_table(entry, report):
     base = entry.get("runs", {}).get("ours")
-    rows = [("defaults: " + CHECKPOINTING.get((base or {}).get("gradient_checkpointing"), "?") + " checkpointing (auto)", base)]
+    chosen = CHECKPOINTING.get((base or {}).get("gradient_checkpointing"), "?") + " checkpointing"
+    if (base or {}).get("dequantized_once"):
+        chosen += ", 16-bit copies of the 4-bit weights"
+    rows = [(f"defaults: {chosen} (auto)", base)]
     rows += [(t["change"], t) for t in entry.get("tuning") or []]
     lines = ["| change (each a run of this project's path) | trained tokens/s | vs defaults | s/step | peak reserved GiB | "
              "MFU (4N) | MFU (hardware) | first 20 losses vs defaults |", "|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -29,14 +29,16 @@ def total_steps(spec):
 
 
 def load_ours(spec, family, cfg):
-    from medtune.train import modeling
+    from medtune.train import dequantize, modeling
 
     model, tokenizer, _ = modeling.load_model(spec["model"], cfg)
     family.prepare_tokenizer(tokenizer)
     checkpointing, why = modeling.choose_checkpointing(model, cfg)
     print(f"[ours] {why}", flush=True)
+    dequantized, why = dequantize.apply(model, cfg, checkpointing, modeling.free_gpu_bytes())
+    print(f"[ours] {why}", flush=True)
     model, targets = modeling.attach_lora(model, cfg, family, checkpointing, tokenizer)
-    return model, tokenizer, targets, checkpointing
+    return model, tokenizer, targets, checkpointing, dequantized
 
 
 def ours_config(spec, **extra):
@@ -51,11 +53,12 @@ def train_ours(spec, family, rows, run_dir, callbacks):
     from medtune.train.trainer import build_trainer
 
     cfg = ours_config(spec)
-    model, tokenizer, targets, checkpointing = load_ours(spec, family, cfg)
+    model, tokenizer, targets, checkpointing, dequantized = load_ours(spec, family, cfg)
     trainer = build_trainer(model, tokenizer, rows, [], cfg, run_dir, callbacks, checkpointing)
     # With the largest step's tokens and the peak memory, this checks --gradient-checkpointing auto's estimate.
     settings = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "max_seq_length": cfg.max_seq_length,
                 "packing": cfg.packing, "optim": cfg.optim, "gradient_checkpointing": checkpointing,
+                "dequantized_once": dequantized,
                 "estimated_activation_bytes_per_token": activation_bytes(model.config, 1)}
     return model, trainer, targets, settings
 

@@ -224,7 +224,7 @@ def budget(spec):
     vocab = json.loads((Path(spec["model"]) / "config.json").read_text())["vocab_size"]
     ladder = spec["ladder"]
     cfg = ours_config({**spec, "warmup": 0, "steps": 2}, max_seq_length=max([spec["defaults"]["max_seq_length"], *ladder]))
-    model, tokenizer, _, checkpointing = load_ours(spec, family, cfg)
+    model, tokenizer, _, checkpointing, _ = load_ours(spec, family, cfg)
     results = {"cap_gib": round(spec["cap_bytes"] / 2**30, 2), "gradient_checkpointing": checkpointing, "tries": []}
 
     def attempt(label, length, batch, grad_accum):

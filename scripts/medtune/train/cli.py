@@ -46,6 +46,7 @@ class Prepared:
     eval_examples: list
     data_stats: dict
     checkpointing: str  # the --gradient-checkpointing choice: unsloth, true or false
+    dequantized: bool = False  # the --dequantize-once choice
 
 
 def run(family_name, argv=None, callbacks=()):
@@ -123,7 +124,7 @@ def prepare(family, cfg):
     say(f"Loading data from {cfg.dataset} ...")
     examples = to_examples(load_rows(cfg), cfg.dataset)
     distributed.start()
-    from medtune.train import modeling  # imports Unsloth (slow), after the cheap checks
+    from medtune.train import dequantize, modeling  # imports Unsloth (slow), after the cheap checks
     from medtune.train.reporting import describe_data
 
     if cfg.smoke and not cfg.model:
@@ -145,9 +146,11 @@ def prepare(family, cfg):
     say(describe_data(train_stats, eval_stats, cfg))
     checkpointing, why = modeling.choose_checkpointing(model, cfg)
     say(why)
+    dequantized, why = dequantize.apply(model, cfg, checkpointing, modeling.free_gpu_bytes())
+    say(why)
     model, targets = modeling.attach_lora(model, cfg, family, checkpointing, tokenizer, say)
     return Prepared(cfg, model, tokenizer, targets, system_prompt, train_rows, eval_rows, eval_ex,
-                    dict(train=train_stats, eval=eval_stats), checkpointing)
+                    dict(train=train_stats, eval=eval_stats), checkpointing, dequantized)
 
 
 def model_label(family, cfg):
@@ -227,6 +230,7 @@ def finish(family, p, run_dir, checkpoint, trainer, log, result, wall):
         "family": family.name, "base_model": cfg.model, "lora_targets": p.targets, "dtype": str(p.model.dtype),
         "device": describe_device(), "ddp_backend": distributed.backend(),
         "padding_free": bool(getattr(trainer, "padding_free", False)), "gradient_checkpointing": p.checkpointing,
+        "dequantized_once": p.dequantized,
         "tokenizer_model_copied": has_spm,
         "data": p.data_stats, "summary": summary, "versions": versions(),
         "command": " ".join(sys.argv), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -21,6 +21,7 @@ LOGIT_BYTES = 8
 MARGIN = 1.15
 HEADROOM = 2 * GIB
 CHOICES = ("auto", "unsloth", "true", "false")
+DEQUANTIZE_CHOICES = ("auto", "true", "false")
 
 
 def activation_bytes(config, tokens, bytes_per_value=2):
@@ -49,3 +50,31 @@ def choose_checkpointing(requested, need_bytes, free_bytes):
     return choice, (f"Gradient checkpointing (auto): {named[choice]}: a step's activations need up to "
                     f"{need_bytes / GIB:.1f} GiB without it ({wanted / GIB:.1f} GiB with the margin), "
                     f"{free_bytes / GIB:.1f} GiB of the GPU is free.")
+
+
+def choose_dequantize(requested, copy_bytes, checkpointing, need_bytes, free_bytes):
+    """(make the copies?, one line saying why) for --dequantize-once. copy_bytes: the 16-bit copies of
+    the 4-bit weights (0: no 4-bit weight to copy); need_bytes: a step's activations, kept where
+    checkpointing is "false". auto makes the copies only where every activation is kept too and
+    both fit in free_bytes with the margin: a GPU with room to spare. With checkpointing on (a T4)
+    the weights stay 4-bit, as measured under the 15 GB cap (BENCHMARKS.md)."""
+    if requested not in DEQUANTIZE_CHOICES:
+        raise ValueError(f"--dequantize-once must be one of {DEQUANTIZE_CHOICES}, got {requested!r}")
+    if not copy_bytes:
+        return False, "Frozen weights: 16-bit already (no 4-bit weight to dequantize)."
+    size = f"{copy_bytes / GIB:.1f} GiB"
+    if requested != "auto":
+        made = requested == "true"
+        return made, (f"Frozen 4-bit weights: {'dequantized once to 16-bit copies' if made else 'dequantized at each use'} "
+                      f"({size} of copies{'' if made else ' not made'}), as asked.")
+    wanted = (need_bytes * MARGIN if checkpointing == "false" else 0) + copy_bytes * MARGIN + HEADROOM
+    made = checkpointing == "false" and free_bytes is not None and wanted <= free_bytes
+    if made:
+        return True, (f"Frozen 4-bit weights (auto): dequantized once to 16-bit copies ({size}), the same values the "
+                      f"4-bit layers compute at each use; with every activation kept they need {wanted / GIB:.1f} GiB "
+                      f"with the margin, {free_bytes / GIB:.1f} GiB of the GPU is free.")
+    why = ("no GPU memory to measure" if free_bytes is None
+           else "gradient checkpointing is on (memory is short)" if checkpointing != "false"
+           else f"the copies and every activation need {wanted / GIB:.1f} GiB with the margin, "
+                f"{(free_bytes or 0) / GIB:.1f} GiB of the GPU is free")
+    return False, f"Frozen 4-bit weights (auto): dequantized at each use, as bitsandbytes does: {why}."
