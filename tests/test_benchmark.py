@@ -161,6 +161,18 @@ def test_report_names_the_measured_steps_that_compiled():
             "a one-off cost a long run does not repeat): (a) 9, 14; (b) none.") in render_markdown(report)
 
 
+def test_report_names_the_garbage_collections_of_the_measured_steps():
+    report = copy.deepcopy(REPORT)
+    runs = report["models"]["phi3"]["runs"]
+    assert "garbage collections" not in render_markdown(report)  # results from before the worker recorded them
+    runs["ours"]["step_gc_seconds"] = [0.9] + [0.0] * 19  # step 1 is warm-up: not named
+    runs["notebook"]["step_gc_seconds"] = [0.0] * 8 + [0.812] + [0.0] * 5 + [0.004] + [0.0] * 5
+    assert ("Full garbage collections of Python during the measured steps (the GPU runs out of queued work while one "
+            "runs), 0.01 s or more: (a) none; (b) 0.81 s in step 9.") in render_markdown(report)
+    runs["ours"]["freeze_gc"] = True
+    assert "Python's garbage collector (this project freezes" in render_markdown(report)
+
+
 def test_report_flags_configurations_that_attach_lora_differently_and_failed_runs():
     report = copy.deepcopy(REPORT)
     runs = report["models"]["phi3"]["runs"]

@@ -77,7 +77,8 @@ def ratios(entry):
 # Families FastLanguageModel hands to FastModel (transformers' modeling, compiled per block), as
 # this project's training loads every family; for the others it swaps in Unsloth's own forwards.
 SAME_LOADER = ("phi3", "gemma3")
-NUMBERS = {2: "two", 3: "three"}
+NUMBERS = {2: "two", 3: "three", 4: "four"}
+SHORT = {"ours": "(a)", "notebook": "(b)", "baseline": "(c)", "notebook_2x4": "the reference"}
 
 
 def where_gains_come_from(entry, family=None):
@@ -93,6 +94,9 @@ def where_gains_come_from(entry, family=None):
         if ours.get("dequantized_once"):
             differences.append("the frozen weights (16-bit copies dequantized once at load, against the 4-bit weights "
                                "dequantized by bitsandbytes in every forward and backward), also chosen from free memory")
+        if ours.get("freeze_gc"):
+            differences.append("Python's garbage collector (this project freezes the objects alive after each step "
+                               "that compiled, so CPython's automatic full collections skip them)")
         if family not in SAME_LOADER:
             differences.append("the loader (this project loads through Unsloth's FastModel, whose per-block compiled "
                                "code attends over packed rows with varlen attention; the notebook's FastLanguageModel "
@@ -202,10 +206,23 @@ def profile_table(run):
     return "\n".join(lines + ([f"", p["note"]] if p.get("note") else []))
 
 
+def collections_note(entry, warmup):
+    """Time the comparison's measured steps spent in CPython's full garbage collections, where recorded."""
+    said = []
+    for key, r in entry.get("runs", {}).items():
+        if key not in SHORT or "step_gc_seconds" not in r:
+            continue
+        slow = [(i + 1, s) for i, s in enumerate(r["step_gc_seconds"]) if i + 1 > warmup and s >= 0.01]
+        said.append(f"{SHORT[key]} " + (", ".join(f"{s:.2f} s in step {i}" for i, s in slow) if slow else "none"))
+    if not said:
+        return ""
+    return ("Full garbage collections of Python during the measured steps (the GPU runs out of queued work while "
+            "one runs), 0.01 s or more: " + "; ".join(said) + ".")
+
+
 def compiled_note(entry):
     """Which measured steps of the comparison compiled (left out of the speeds), where recorded."""
-    short = {"ours": "(a)", "notebook": "(b)", "baseline": "(c)", "notebook_2x4": "the reference"}
-    runs = {short[k]: r for k, r in entry.get("runs", {}).items() if k in short and "compiling_steps" in r}
+    runs = {SHORT[k]: r for k, r in entry.get("runs", {}).items() if k in SHORT and "compiling_steps" in r}
     if not runs:
         return ""
     said = [f"{name} {', '.join(map(str, r['compiling_steps'])) or 'none'}" for name, r in runs.items()]
@@ -232,8 +249,8 @@ def model_section(family, entry, report):
         if shown:
             out += ["Speed of (a) against: " + ", ".join(f"{k.replace('speed_vs_', '').replace('_', ' ')} {v:.2f}x"
                                                         for k, v in shown.items()) + ". " + where_gains_come_from(entry, family), ""]
-        if compiled_note(entry):
-            out += [compiled_note(entry), ""]
+        for note in (compiled_note(entry), collections_note(entry, report.get("warmup", 5))):
+            out += [note, ""] if note else []
         if profile_table(entry["runs"].get("ours")):
             out += ["### Where a step's time goes", "", profile_table(entry["runs"]["ours"]), ""]
     if entry.get("tuning"):

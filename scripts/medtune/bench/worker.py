@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from medtune.fileio import write_json_atomic
+from medtune.train.gcfreeze import FullCollections, compile_events
 
 
 def cuda_sync():
@@ -86,25 +87,15 @@ def matmul(spec):
     return {"gpu": gpu, "flops_per_s": max(best.values()), "by_size": {str(k): round(v / 1e12, 1) for k, v in best.items()}}
 
 
-def compile_events():
-    """How many times torch.compile has compiled something in this process so far (a step that raises
-    it compiled; medtune.bench.perf.steady_state leaves such steps out)."""
-    try:
-        from torch._dynamo.utils import compilation_time_metrics
-    except ImportError:
-        return 0
-    return sum(len(v) for v in compilation_time_metrics.values())
-
-
 def step_timer():
-    """A callback keeping (step, seconds, input tokens seen, compile events) at the end of each optimizer
-    step, with the GPU's work finished, and the logged losses. Built here: transformers may only be imported after
-    Unsloth, and the baseline imports it without."""
+    """A callback keeping (step, seconds, input tokens seen, compile events, seconds of full garbage
+    collections so far) at the end of each optimizer step, with the GPU's work finished, and the logged
+    losses. Built here: transformers may only be imported after Unsloth, and the baseline imports it without."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.steps, self.start, self.losses = [], None, []
+            self.steps, self.start, self.losses, self.collections = [], None, [], FullCollections()
 
         def on_train_begin(self, args, state, control, **kw):
             cuda_sync()
@@ -113,7 +104,7 @@ def step_timer():
         def on_step_end(self, args, state, control, **kw):
             cuda_sync()
             self.steps.append((state.global_step, time.perf_counter() - self.start, state.num_input_tokens_seen,
-                               compile_events()))
+                               compile_events(), self.collections.seconds))
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -193,7 +184,8 @@ def train(spec):
         probe_before = varlen_probe_state()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        trainer.train()
+        with timer.collections:
+            trainer.train()
     measured = [s for s in timer.steps if s[0] <= spec["warmup"] + spec["steps"]]
     speed = steady_state(measured, spec["warmup"])
     result.update({"setup": spec["setup"], "targets": targets, **lora, **settings, **memory(),
@@ -202,6 +194,8 @@ def train(spec):
                    "losses": timer.losses, "world_size": distributed.world_size(),
                    "largest_step_tokens": max(b[2] - a[2] for a, b in zip([(0, 0, 0)] + measured, measured)),
                    "step_seconds": [round(b[1] - a[1], 3) for a, b in zip([(0, 0.0)] + measured, measured)],
+                   # Seconds of each step spent in CPython's full collections (the GPU idles through them).
+                   "step_gc_seconds": [round(b[4] - a[4], 3) for a, b in zip([(0, 0, 0, 0, 0.0)] + measured, measured)],
                    "varlen_probe": {"before_training": probe_before, "after": varlen_probe_state()},
                    "cap_gib": round(spec["cap_bytes"] / 2**30, 2) if spec.get("cap_bytes") else None, **(speed or {})})
     return result if distributed.is_main() else None
