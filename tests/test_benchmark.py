@@ -169,8 +169,22 @@ def test_report_names_the_garbage_collections_of_the_measured_steps():
     runs["notebook"]["step_gc_seconds"] = [0.0] * 8 + [0.812] + [0.0] * 5 + [0.004] + [0.0] * 5
     assert ("Full garbage collections of Python during the measured steps (the GPU runs out of queued work while one "
             "runs), 0.01 s or more: (a) none; (b) 0.81 s in step 9.") in render_markdown(report)
-    runs["ours"]["freeze_gc"] = True
-    assert "Python's garbage collector (this project freezes" in render_markdown(report)
+
+
+def test_full_collections_are_timed_and_younger_ones_are_not():
+    import gc
+
+    from medtune.bench.pauses import FullCollections
+
+    with FullCollections() as full:
+        gc.collect(0)
+        gc.collect(1)
+        assert full.count == 0
+        gc.collect()
+        gc.collect(2)
+        assert full.count == 2 and full.seconds > 0
+    gc.collect()
+    assert full.count == 2  # no longer listening
 
 
 def test_report_flags_configurations_that_attach_lora_differently_and_failed_runs():

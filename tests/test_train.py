@@ -369,39 +369,3 @@ def test_the_banner_names_the_model_trained():
     # --smoke's settings with a model of the user's own: that model, not the stand-in
     assert model_label(gemma, TrainConfig(model="/data/models/gemma-3-270m", smoke=True)) == \
         "gemma-3-270m (gemma3 family)"
-
-
-def test_the_collector_is_frozen_after_the_steps_that_compiled_and_unfrozen_at_the_end(monkeypatch):
-    import gc
-    import weakref
-
-    from medtune.train import gcfreeze
-
-    class Cycle:
-        pass
-
-    events = iter([3, 3, 5])  # step 1 compiled three graphs, step 2 nothing, step 3 a new shape
-    monkeypatch.setattr(gcfreeze, "compile_events", lambda: next(events))
-    callback = gcfreeze.freeze_callback()
-    gc.unfreeze()
-    try:
-        with gcfreeze.FullCollections() as full:
-            before = Cycle()
-            before.me, dead_before = before, weakref.ref(before)
-            del before
-            callback.on_step_end(None, None, None)
-            assert dead_before() is None  # collected before freezing, not frozen alive
-            assert gc.get_freeze_count() > 1000 and full.count == 1 and full.seconds > 0
-            callback.on_step_end(None, None, None)  # nothing compiled: no collection of ours
-            assert full.count == 1 and callback.freezes == 1
-            after = Cycle()
-            after.me, dead_after = after, weakref.ref(after)
-            del after
-            gc.collect()  # garbage made after a freeze is still collected
-            assert dead_after() is None and full.count == 2
-            callback.on_step_end(None, None, None)
-            assert callback.freezes == 2 and full.count == 3
-        callback.on_train_end(None, None, None)
-        assert gc.get_freeze_count() == 0
-    finally:
-        gc.unfreeze()

@@ -80,8 +80,6 @@ class TrainConfig:
                 "layers dequantize at every use, without that work in each forward and backward, at 4x the weights' "
                 "memory. auto = where the GPU also keeps every activation (see --gradient-checkpointing) and has room "
                 "for both; true = always; false = never.", choices=("auto", "true", "false"))
-    freeze_gc: bool = _f(True, "After each step that compiled, collect Python's garbage once and freeze what is left "
-                               "(gc.freeze), so later automatic collections skip the compiled code's objects.")
     hang_timeout: int = _f(600, "Seconds without a finished optimizer step (the first one, which compiles, included) "
                                 "after which every process stops with an error showing where each one waits.")
     seed: int = _f(3407, "Seed for LoRA init, data split, shuffling and dropout.")
@@ -103,8 +101,8 @@ SMOKE_DEFAULTS = dict(
 )
 # Options that may differ from the saved config when resuming: they don't change what was trained so far.
 RESUMABLE_CHANGES = {"max_steps", "epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                     "report_to", "resume", "overwrite", "gradient_checkpointing", "dequantize_once", "freeze_gc",
-                     "hang_timeout", "verbose"}
+                     "report_to", "resume", "overwrite", "gradient_checkpointing", "dequantize_once", "hang_timeout",
+                     "verbose"}
 NOT_SAVED = {"resume", "overwrite", "verbose"}
 
 

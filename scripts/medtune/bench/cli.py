@@ -40,7 +40,6 @@ LADDERS = {"phi3": [2048, 3072, 4096], "mistral": [2048, 4096, 6144, 8192, 12288
 TUNING = [
     ("the previous defaults: Unsloth's offloaded checkpointing, 4-bit weights dequantized at each use", {"gradient_checkpointing": "unsloth"}),
     ("4-bit weights dequantized at each use (no 16-bit copies)", {"dequantize_once": "false"}),
-    ("Python's garbage collector left as it is (no freeze after the steps that compiled)", {"freeze_gc": False}),
     ("TRL best-fit packing, batch 4 x 2048 tokens", {"packing": True, "batch_size": 4}),
 ]
 

@@ -77,7 +77,7 @@ def ratios(entry):
 # Families FastLanguageModel hands to FastModel (transformers' modeling, compiled per block), as
 # this project's training loads every family; for the others it swaps in Unsloth's own forwards.
 SAME_LOADER = ("phi3", "gemma3")
-NUMBERS = {2: "two", 3: "three", 4: "four"}
+NUMBERS = {2: "two", 3: "three"}
 SHORT = {"ours": "(a)", "notebook": "(b)", "baseline": "(c)", "notebook_2x4": "the reference"}
 
 
@@ -94,9 +94,6 @@ def where_gains_come_from(entry, family=None):
         if ours.get("dequantized_once"):
             differences.append("the frozen weights (16-bit copies dequantized once at load, against the 4-bit weights "
                                "dequantized by bitsandbytes in every forward and backward), also chosen from free memory")
-        if ours.get("freeze_gc"):
-            differences.append("Python's garbage collector (this project freezes the objects alive after each step "
-                               "that compiled, so CPython's automatic full collections skip them)")
         if family not in SAME_LOADER:
             differences.append("the loader (this project loads through Unsloth's FastModel, whose per-block compiled "
                                "code attends over packed rows with varlen attention; the notebook's FastLanguageModel "

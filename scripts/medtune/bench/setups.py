@@ -58,7 +58,7 @@ def train_ours(spec, family, rows, run_dir, callbacks):
     # With the largest step's tokens and the peak memory, this checks --gradient-checkpointing auto's estimate.
     settings = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "max_seq_length": cfg.max_seq_length,
                 "packing": cfg.packing, "optim": cfg.optim, "gradient_checkpointing": checkpointing,
-                "dequantized_once": dequantized, "freeze_gc": cfg.freeze_gc,
+                "dequantized_once": dequantized,
                 "estimated_activation_bytes_per_token": activation_bytes(model.config, 1)}
     return model, trainer, targets, settings
 

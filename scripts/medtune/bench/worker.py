@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from medtune.fileio import write_json_atomic
-from medtune.train.gcfreeze import FullCollections, compile_events
+from medtune.bench.pauses import FullCollections, compile_events
 
 
 def cuda_sync():
@@ -194,6 +194,7 @@ def train(spec):
                    "losses": timer.losses, "world_size": distributed.world_size(),
                    "largest_step_tokens": max(b[2] - a[2] for a, b in zip([(0, 0, 0)] + measured, measured)),
                    "step_seconds": [round(b[1] - a[1], 3) for a, b in zip([(0, 0.0)] + measured, measured)],
+                   "step_tokens": [b[2] - a[2] for a, b in zip([(0, 0, 0)] + measured, measured)],
                    # Seconds of each step spent in CPython's full collections (the GPU idles through them).
                    "step_gc_seconds": [round(b[4] - a[4], 3) for a, b in zip([(0, 0, 0, 0, 0.0)] + measured, measured)],
                    "varlen_probe": {"before_training": probe_before, "after": varlen_probe_state()},

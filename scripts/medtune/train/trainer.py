@@ -79,10 +79,6 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, cfg, run_dir, callbac
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
     )
     trainer.remove_callback(ProgressCallback)
-    if cfg.freeze_gc:
-        from medtune.train.gcfreeze import freeze_callback
-
-        callbacks = [*callbacks, freeze_callback()]
     for cb in callbacks:
         trainer.add_callback(cb)
     return trainer
