@@ -176,15 +176,19 @@ def test_full_collections_are_timed_and_younger_ones_are_not():
 
     from medtune.bench.pauses import FullCollections
 
-    with FullCollections() as full:
-        gc.collect(0)
-        gc.collect(1)
-        assert full.count == 0
+    gc.disable()  # only the collections asked for here
+    try:
+        with FullCollections() as full:
+            gc.collect(0)
+            gc.collect(1)
+            assert full.count == 0
+            gc.collect()
+            gc.collect(2)
+            assert full.count == 2 and full.seconds > 0
         gc.collect()
-        gc.collect(2)
-        assert full.count == 2 and full.seconds > 0
-    gc.collect()
-    assert full.count == 2  # no longer listening
+        assert full.count == 2  # no longer listening
+    finally:
+        gc.enable()
 
 
 def test_report_flags_configurations_that_attach_lora_differently_and_failed_runs():
