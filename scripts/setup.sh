@@ -84,10 +84,17 @@ say "Building the offline tokenizers (Phi-3 from llama.cpp's vocabulary, Mistral
 # same source package the tokenizers came from, and keep the wheel for later set-ups.
 LLAMA_CPP_VERSION=$(.venv/bin/python -c 'from medtune.offline_tokenizers import LLAMA_CPP_PYTHON_VERSION as v; print(v)')
 if ! .venv/bin/python -c "import importlib.metadata as m; assert m.version('llama_cpp_python') == '$LLAMA_CPP_VERSION'" 2>/dev/null; then
-  wheels=.cache/medtune/wheels
+  # Built for this CPU (llama.cpp's default), except Intel's AMX tile instructions: in some virtual
+  # machines (a nested Firecracker microVM, measured) the CPU offers them but their tile state is not
+  # kept, and llama.cpp's first quantized matmul dies of SIGILL ("Illegal instruction"). Without them
+  # llama.cpp uses AVX-512 there.
+  wheels=.cache/medtune/wheels/no-amx
   if ! ls $wheels/llama_cpp_python-$LLAMA_CPP_VERSION-*.whl >/dev/null 2>&1; then
     say "Building llama-cpp-python $LLAMA_CPP_VERSION (about 5 minutes on 2 cores)"
-    pip wheel -q --no-deps -w $wheels .cache/medtune/downloads/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz
+    no_amx=
+    [ "$(uname -m)" = x86_64 ] && no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    CFLAGS="${CFLAGS:-} $no_amx" CXXFLAGS="${CXXFLAGS:-} $no_amx" \
+      pip wheel -q --no-deps --no-cache-dir -w $wheels .cache/medtune/downloads/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz
   fi
   pip install -q --find-links $wheels -r requirements-export.txt  # pip takes the built wheel over the source
 fi
