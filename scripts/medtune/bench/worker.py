@@ -188,15 +188,16 @@ def train(spec):
             trainer.train()
     measured = [s for s in timer.steps if s[0] <= spec["warmup"] + spec["steps"]]
     speed = steady_state(measured, spec["warmup"])
+    steps = list(zip([(0, 0.0, 0, 0, 0.0)] + measured, measured))  # (end of the step before, end of this one)
+    step_tokens = [b[2] - a[2] for a, b in steps]
     result.update({"setup": spec["setup"], "targets": targets, **lora, **settings, **memory(),
                    "padding_free": bool(getattr(trainer.args, "padding_free", False)),
                    "first_step_s": round(timer.steps[0][1], 1), "steps": len(measured), "tokens": measured[-1][2],
                    "losses": timer.losses, "world_size": distributed.world_size(),
-                   "largest_step_tokens": max(b[2] - a[2] for a, b in zip([(0, 0, 0)] + measured, measured)),
-                   "step_seconds": [round(b[1] - a[1], 3) for a, b in zip([(0, 0.0)] + measured, measured)],
-                   "step_tokens": [b[2] - a[2] for a, b in zip([(0, 0, 0)] + measured, measured)],
+                   "largest_step_tokens": max(step_tokens), "step_tokens": step_tokens,
+                   "step_seconds": [round(b[1] - a[1], 3) for a, b in steps],
                    # Seconds of each step spent in CPython's full collections (the GPU idles through them).
-                   "step_gc_seconds": [round(b[4] - a[4], 3) for a, b in zip([(0, 0, 0, 0, 0.0)] + measured, measured)],
+                   "step_gc_seconds": [round(b[4] - a[4], 3) for a, b in steps],
                    "varlen_probe": {"before_training": probe_before, "after": varlen_probe_state()},
                    "cap_gib": round(spec["cap_bytes"] / 2**30, 2) if spec.get("cap_bytes") else None, **(speed or {})})
     return result if distributed.is_main() else None
