@@ -35,6 +35,12 @@ def memory():
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
 
 
+def alloc_retries():
+    """How many times so far the CUDA caching allocator found no free block, released its whole cache
+    (waiting for the GPU) and asked the driver again: each costs a stall."""
+    return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
+
+
 def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -89,7 +95,7 @@ def matmul(spec):
 
 def step_timer():
     """A callback keeping (step, seconds, input tokens seen, compile events, seconds of full garbage
-    collections so far) at the end of each optimizer step, with the GPU's work finished, and the logged
+    collections, allocator retries so far) at the end of each optimizer step, with the GPU's work finished, and the logged
     losses. Built here: transformers may only be imported after Unsloth, and the baseline imports it without."""
     from transformers import TrainerCallback
 
@@ -104,7 +110,7 @@ def step_timer():
         def on_step_end(self, args, state, control, **kw):
             cuda_sync()
             self.steps.append((state.global_step, time.perf_counter() - self.start, state.num_input_tokens_seen,
-                               compile_events(), self.collections.seconds))
+                               compile_events(), self.collections.seconds, alloc_retries()))
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -188,7 +194,7 @@ def train(spec):
             trainer.train()
     measured = [s for s in timer.steps if s[0] <= spec["warmup"] + spec["steps"]]
     speed = steady_state(measured, spec["warmup"])
-    steps = list(zip([(0, 0.0, 0, 0, 0.0)] + measured, measured))  # (end of the step before, end of this one)
+    steps = list(zip([(0, 0.0, 0, 0, 0.0, 0)] + measured, measured))  # (end of the step before, end of this one)
     step_tokens = [b[2] - a[2] for a, b in steps]
     result.update({"setup": spec["setup"], "targets": targets, **lora, **settings, **memory(),
                    "padding_free": bool(getattr(trainer.args, "padding_free", False)),
@@ -198,6 +204,7 @@ def train(spec):
                    "step_seconds": [round(b[1] - a[1], 3) for a, b in steps],
                    # Seconds of each step spent in CPython's full collections (the GPU idles through them).
                    "step_gc_seconds": [round(b[4] - a[4], 3) for a, b in steps],
+                   "step_alloc_retries": [b[5] - a[5] for a, b in steps],
                    "varlen_probe": {"before_training": probe_before, "after": varlen_probe_state()},
                    "cap_gib": round(spec["cap_bytes"] / 2**30, 2) if spec.get("cap_bytes") else None, **(speed or {})})
     return result if distributed.is_main() else None
@@ -220,7 +227,7 @@ def budget(spec):
     vocab = json.loads((Path(spec["model"]) / "config.json").read_text())["vocab_size"]
     ladder = spec["ladder"]
     cfg = ours_config({**spec, "warmup": 0, "steps": 2}, max_seq_length=max([spec["defaults"]["max_seq_length"], *ladder]))
-    model, tokenizer, _, checkpointing, _ = load_ours(spec, family, cfg)
+    model, tokenizer, _, checkpointing, _, _ = load_ours(spec, family, cfg)
     results = {"cap_gib": round(spec["cap_bytes"] / 2**30, 2), "gradient_checkpointing": checkpointing, "tries": []}
 
     def attempt(label, length, batch, grad_accum):
