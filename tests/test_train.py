@@ -199,6 +199,48 @@ def test_auto_checkpointing_keeps_activations_only_where_they_fit():
         choose_checkpointing("sometimes", need, 1)
 
 
+def test_auto_keeps_activations_in_smaller_micro_batches_of_the_same_rows():
+    from medtune.train.memory import HEADROOM, MARGIN, MIN_MICRO_BATCH, activation_bytes, plan_checkpointing
+
+    mistral = FAMILY_SPECS["mistral"].full_config
+    per_row = activation_bytes(mistral, 2048)
+    # An 80 GB H100 with Mistral loaded (74.6 GiB free): 8 rows need checkpointing, 4 rows x 2 do not.
+    choice, line, split = plan_checkpointing("auto", per_row, 8, 1, int(74.6 * GIB))
+    assert (choice, split) == ("false", (4, 2))
+    assert "micro-batches of 4 x grad-accum 2 instead of 8 x 1" in line and "same 8 rows" in line
+    assert f"{per_row * 8 / GIB:.1f} GiB" in line and f"{per_row * 4 / GIB:.1f} GiB" in line and "74.6 GiB" in line
+    # The whole micro-batch fits (an H200), or nothing of at least MIN_MICRO_BATCH rows does (a T4): unchanged.
+    assert plan_checkpointing("auto", per_row, 8, 1, 134 * GIB)[::2] == ("false", (8, 1))
+    assert plan_checkpointing("auto", per_row, 8, 1, 13 * GIB)[::2] == ("unsloth", (8, 1))
+    assert MIN_MICRO_BATCH == 4
+    two_rows_fit = int(per_row * 2 * MARGIN + HEADROOM) + 1  # 2 rows would fit, 4 would not
+    assert plan_checkpointing("auto", per_row, 8, 1, two_rows_fit)[::2] == ("unsloth", (8, 1))
+    # The largest divisor of the micro-batch that fits, grad-accum scaled so the rows per step stay.
+    six_fit = int(per_row * 6 * MARGIN + HEADROOM) + 1
+    assert plan_checkpointing("auto", per_row, 12, 3, six_fit)[::2] == ("false", (6, 6))
+    assert plan_checkpointing("auto", per_row, 12, 3, six_fit - 2)[::2] == ("false", (4, 9))
+    # Only auto splits; without a GPU to measure nothing changes.
+    for asked in ("unsloth", "true", "false"):
+        assert plan_checkpointing(asked, per_row, 8, 1, int(74.6 * GIB))[::2] == (asked, (8, 1))
+    assert plan_checkpointing("auto", per_row, 8, 1, None)[::2] == ("unsloth", (8, 1))
+
+
+def test_the_split_micro_batch_is_the_config_training_uses(monkeypatch):
+    from types import SimpleNamespace
+
+    from medtune.config import TrainConfig, effective_batch
+    from medtune.train import modeling
+
+    model = SimpleNamespace(config=FAMILY_SPECS["mistral"].full_config)
+    monkeypatch.setattr(modeling, "free_gpu_bytes", lambda: int(74.6 * GIB))
+    cfg = TrainConfig()
+    choice, line, split = modeling.choose_checkpointing(model, cfg)
+    assert choice == "false" and (split.batch_size, split.grad_accum) == (4, 2)
+    assert effective_batch(split, 1) == effective_batch(cfg, 1) == 8 and split.max_seq_length == cfg.max_seq_length
+    monkeypatch.setattr(modeling, "free_gpu_bytes", lambda: None)
+    assert modeling.choose_checkpointing(model, cfg)[::2] == ("unsloth", cfg)
+
+
 def test_gradient_checkpointing_option_lists_its_choices():
     from medtune.config import parse_config, validate
 

@@ -77,7 +77,7 @@ def ratios(entry):
 # Families FastLanguageModel hands to FastModel (transformers' modeling, compiled per block), as
 # this project's training loads every family; for the others it swaps in Unsloth's own forwards.
 SAME_LOADER = ("phi3", "gemma3")
-NUMBERS = {2: "two", 3: "three"}
+NUMBERS = {2: "two", 3: "three", 4: "four"}
 SHORT = {"ours": "(a)", "notebook": "(b)", "baseline": "(c)", "notebook_2x4": "the reference"}
 
 
@@ -91,6 +91,10 @@ def where_gains_come_from(entry, family=None):
     if measured(nb):
         differences = [f"gradient checkpointing ({CHECKPOINTING[ours.get('gradient_checkpointing')]} against "
                        f"{CHECKPOINTING[nb.get('gradient_checkpointing')]}), chosen from the GPU's free memory"]
+        if (ours["batch_size"], ours["grad_accum"]) != (nb["batch_size"], nb["grad_accum"]):
+            differences.append(f"the micro-batch ({ours['batch_size']} x grad-accum {ours['grad_accum']} against "
+                               f"{nb['batch_size']} x {nb['grad_accum']}, the same rows per optimizer step, so that "
+                               "every activation fits), also chosen from free memory")
         if ours.get("dequantized_once"):
             differences.append("the frozen weights (16-bit copies dequantized once at load, against the 4-bit weights "
                                "dequantized by bitsandbytes in every forward and backward), also chosen from free memory")

@@ -33,12 +33,12 @@ def load_ours(spec, family, cfg):
 
     model, tokenizer, _ = modeling.load_model(spec["model"], cfg)
     family.prepare_tokenizer(tokenizer)
-    checkpointing, why = modeling.choose_checkpointing(model, cfg)
+    checkpointing, why, cfg = modeling.choose_checkpointing(model, cfg)
     print(f"[ours] {why}", flush=True)
     dequantized, why = dequantize.apply(model, cfg, checkpointing, modeling.free_gpu_bytes())
     print(f"[ours] {why}", flush=True)
     model, targets = modeling.attach_lora(model, cfg, family, checkpointing, tokenizer)
-    return model, tokenizer, targets, checkpointing, dequantized
+    return model, tokenizer, targets, checkpointing, dequantized, cfg
 
 
 def ours_config(spec, **extra):
@@ -53,7 +53,7 @@ def train_ours(spec, family, rows, run_dir, callbacks):
     from medtune.train.trainer import build_trainer
 
     cfg = ours_config(spec)
-    model, tokenizer, targets, checkpointing, dequantized = load_ours(spec, family, cfg)
+    model, tokenizer, targets, checkpointing, dequantized, cfg = load_ours(spec, family, cfg)
     trainer = build_trainer(model, tokenizer, rows, [], cfg, run_dir, callbacks, checkpointing)
     # With the largest step's tokens and the peak memory, this checks --gradient-checkpointing auto's estimate.
     settings = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "max_seq_length": cfg.max_seq_length,

@@ -144,7 +144,7 @@ def prepare(family, cfg):
                         f"{cfg.max_seq_length} tokens (the shortest has {train_stats['shortest']}). Raise "
                         f"--max-seq-length to at least {train_stats['shortest']}, or pass --truncate to cut rows.")
     say(describe_data(train_stats, eval_stats, cfg))
-    checkpointing, why = modeling.choose_checkpointing(model, cfg)
+    checkpointing, why, cfg = modeling.choose_checkpointing(model, cfg)
     say(why)
     dequantized, why = dequantize.apply(model, cfg, checkpointing, modeling.free_gpu_bytes())
     say(why)

@@ -3,6 +3,7 @@
 Unsloth must be imported before transformers, TRL and PEFT so that its patches apply: callers
 import this module first.
 """
+import dataclasses
 import os
 import shutil
 import warnings
@@ -142,12 +143,15 @@ def free_gpu_bytes():
 
 
 def choose_checkpointing(model, cfg):
-    """(choice "unsloth" / "true" / "false", the line that says why) for --gradient-checkpointing,
-    auto weighing a step's activations at their worst (every row at --max-seq-length) against free memory."""
-    from medtune.train.memory import activation_bytes, choose_checkpointing as choose
+    """(choice "unsloth" / "true" / "false", the line that says why, the config to train with) for
+    --gradient-checkpointing (medtune.train.memory.plan_checkpointing): auto may keep every activation
+    in smaller micro-batches of the same rows per optimizer step, and the config says so."""
+    from medtune.train.memory import activation_bytes, plan_checkpointing
 
-    need = activation_bytes(model.config, cfg.batch_size * cfg.max_seq_length)
-    return choose(cfg.gradient_checkpointing, need, free_gpu_bytes())
+    per_row = activation_bytes(model.config, cfg.max_seq_length)
+    choice, why, (rows, accum) = plan_checkpointing(cfg.gradient_checkpointing, per_row, cfg.batch_size,
+                                                    cfg.grad_accum, free_gpu_bytes())
+    return choice, why, dataclasses.replace(cfg, batch_size=rows, grad_accum=accum)
 
 
 UNSLOTH_CHECKPOINTING = {"unsloth": "unsloth", "true": True, "false": False}
