@@ -411,3 +411,29 @@ def test_the_banner_names_the_model_trained():
     # --smoke's settings with a model of the user's own: that model, not the stand-in
     assert model_label(gemma, TrainConfig(model="/data/models/gemma-3-270m", smoke=True)) == \
         "gemma-3-270m (gemma3 family)"
+
+
+@pytest.mark.slow
+def test_auto_trains_the_same_rows_per_step_in_smaller_micro_batches(tmp_path, monkeypatch, capsys):
+    """Where free memory holds 4 rows' activations but not 8 (Mistral on an 80 GB card), a run trains
+    4 x grad-accum 2 without checkpointing, says why and where, and resumes with the same options."""
+    from medtune.train import modeling
+    from medtune.train.memory import HEADROOM, MARGIN, activation_bytes
+
+    config = json.loads((modeling.tiny_model_dir(FAMILY_SPECS["mistral"]) / "config.json").read_text())
+    per_row = activation_bytes(config, 512)
+    monkeypatch.setattr(modeling, "free_gpu_bytes", lambda: int(per_row * 6 * MARGIN + HEADROOM))
+    run_dir = train("mistral", "--smoke", "--batch-size", "8", "--grad-accum", "1", "--max-seq-length", "512",
+                    "--max-steps", "2", "--output-dir", tmp_path, "--run-name", "split")
+    out = capsys.readouterr().out
+    assert "none (every activation kept), in micro-batches of 4 x grad-accum 2 instead of 8 x 1" in out
+    assert "effective batch 8 = batch 4 x grad-accum 2 x 1 process" in out
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["micro_batch"] == {"batch_size": 4, "grad_accum": 2} and info["gradient_checkpointing"] == "false"
+    assert info["summary"]["effective_batch"] == 8 and sorted(losses(run_dir)) == [1, 2]
+    # config.yaml keeps what was asked, so a resume with the same options decides the split again.
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (saved["batch_size"], saved["grad_accum"], saved["gradient_checkpointing"]) == (8, 1, "auto")
+    train("mistral", "--smoke", "--batch-size", "8", "--grad-accum", "1", "--max-seq-length", "512",
+          "--max-steps", "3", "--output-dir", tmp_path, "--run-name", "split", "--resume")
+    assert "resuming from checkpoint-2" in capsys.readouterr().out and sorted(losses(run_dir)) == [1, 2, 3]
