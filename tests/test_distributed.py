@@ -243,3 +243,18 @@ def test_a_rank_that_fails_stops_every_rank_with_one_message(root):
     root_cause = failed.launcher[failed.launcher.index("Root Cause"):]
     assert re.search(r"rank\s*:\s*1 .*\n.*exitcode\s*:\s*2 ", root_cause), failed.launcher[-2000:]
     assert not (root / "runs" / "oom").exists()
+
+
+@pytest.mark.distributed
+def test_every_rank_chooses_from_the_smallest_free_memory(tmp_path):
+    """--gradient-checkpointing auto decides from distributed.smallest(free memory): every rank gets
+    the same number, so no rank trains another micro-batch than the others."""
+    script = tmp_path / "smallest.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO / 'scripts')!r})\nfrom medtune import distributed\n"
+                      "distributed.start()\nfound = distributed.smallest(100 + 7 * distributed.rank())\n"
+                      "nothing = distributed.smallest(None)\n"
+                      "sys.stdout.write(f'smallest {found} {nothing}\\n')  # one write: the ranks share stdout\n"
+                      "sys.stdout.flush()\ndistributed.finish()\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.count("smallest 100 None") == 2, r.stdout[-2000:] + r.stderr[-3000:]

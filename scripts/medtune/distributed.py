@@ -67,6 +67,20 @@ def barrier():
         dist.barrier()
 
 
+def smallest(value):
+    """The smallest of every rank's value (an int, or None on every rank), so that a choice made from
+    it, such as --gradient-checkpointing auto's from free GPU memory, is the same on every rank."""
+    import torch
+    import torch.distributed as dist
+
+    if value is None or not (dist.is_available() and dist.is_initialized()):
+        return value
+    device = torch.device("cuda", local_rank()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    found = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(found, op=dist.ReduceOp.MIN)
+    return int(found.item())
+
+
 @contextmanager
 def local_main_first():
     """Let one process per machine do the body first (build a file in a shared cache), then the others,

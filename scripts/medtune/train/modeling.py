@@ -144,13 +144,14 @@ def free_gpu_bytes():
 
 def choose_checkpointing(model, cfg):
     """(choice "unsloth" / "true" / "false", the line that says why, the config to train with) for
-    --gradient-checkpointing (medtune.train.memory.plan_checkpointing): auto may keep every activation
-    in smaller micro-batches of the same rows per optimizer step, and the config says so."""
+    --gradient-checkpointing (medtune.train.memory.plan_checkpointing), from the smallest free memory of
+    any rank: auto may keep every activation in smaller micro-batches of the same rows per optimizer
+    step, and the config says so."""
     from medtune.train.memory import activation_bytes, plan_checkpointing
 
     per_row = activation_bytes(model.config, cfg.max_seq_length)
     choice, why, (rows, accum) = plan_checkpointing(cfg.gradient_checkpointing, per_row, cfg.batch_size,
-                                                    cfg.grad_accum, free_gpu_bytes())
+                                                    cfg.grad_accum, distributed.smallest(free_gpu_bytes()))
     return choice, why, dataclasses.replace(cfg, batch_size=rows, grad_accum=accum)
 
 
