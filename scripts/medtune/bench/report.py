@@ -159,8 +159,7 @@ def tuning_table(entry, report):
     chosen = CHECKPOINTING.get((base or {}).get("gradient_checkpointing"), "?") + " checkpointing"
     if (base or {}).get("dequantized_once"):
         chosen += ", 16-bit copies of the 4-bit weights"
-    rows = [(f"defaults: {chosen} (auto)", base)]
-    rows += [(t["change"], t) for t in entry.get("tuning") or []]
+    rows = [(f"defaults: {chosen} (auto)", base)] + [(t["change"], t) for t in entry.get("tuning") or []]
     lines = ["| change (each a run of this project's path) | trained tokens/s | vs defaults | s/step | peak reserved GiB | "
              "MFU (4N) | MFU (hardware) | first 20 losses vs defaults |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, t in rows:
@@ -266,8 +265,7 @@ def model_section(family, entry, report):
 
 
 def render_markdown(report):
-    rate = report.get("matmul") or {}
-    v = report.get("versions") or {}
+    rate, v = report.get("matmul") or {}, report.get("versions") or {}
     libs = ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "trl", "peft", "unsloth", "bitsandbytes") if v.get(k))
     out = [
         "# Training benchmarks",
@@ -275,7 +273,8 @@ def render_markdown(report):
         "Written by `python scripts/benchmark.py` (see the README's Measured section). Random-weight models of the real "
         "architectures, built locally and loaded in 4-bit NF4; the same token rows, micro-batch, gradient accumulation "
         "and maximum length (2048) for every configuration, this project's defaults, except the reference row at the "
-        f"notebook's own 2 x 4; {report.get('warmup')} warm-up steps left out, {report.get('steps')} steps measured unless a model's section says otherwise; "
+        "notebook's own 2 x 4 and (a) where `--gradient-checkpointing auto` trains the same rows per step in smaller "
+        f"micro-batches to keep every activation (the table's batch column says so); {report.get('warmup')} warm-up steps left out, {report.get('steps')} steps measured unless a model's section says otherwise; "
         "each configuration in its own process.",
         "",
         f"- Date: {report.get('date')}",
@@ -291,8 +290,8 @@ def render_markdown(report):
     if report.get("commands"):
         out += ["Measured by these runs, one after the other on the same kind of machine (runs of different "
                 "starts of the machine can differ by a few percent: see the notes):", ""]
-        out += [f"- `{c}`" if "(" not in c else f"- `{c[:c.index(' (')]}` {c[c.index(' (') + 1:]}" for c in report["commands"]]
-        out += [""]
+        out += [f"- `{c}`" if "(" not in c else f"- `{c[:c.index(' (')]}` {c[c.index(' (') + 1:]}"
+                for c in report["commands"]] + [""]
     for family, entry in report.get("models", {}).items():
         out += model_section(family, entry, report)
     out += ["## Targets", ""] + [f"- {line}" for line in check_targets(report)] + [""]
