@@ -38,6 +38,11 @@ def activation_bytes(config, tokens, bytes_per_value=2):
     return tokens * per_token
 
 
+def with_margin(need_bytes):
+    """What a step needing need_bytes of activations must find free: the margin and the headroom added."""
+    return need_bytes * MARGIN + HEADROOM
+
+
 def choose_checkpointing(requested, need_bytes, free_bytes):
     """(choice, one line saying why): choice is "unsloth", "true" or "false". auto keeps every
     activation ("false") when need x MARGIN + HEADROOM fits in free_bytes, else Unsloth's offloaded
@@ -50,7 +55,7 @@ def choose_checkpointing(requested, need_bytes, free_bytes):
         return requested, f"Gradient checkpointing: {named[requested]}, as asked."
     if free_bytes is None:
         return "unsloth", f"Gradient checkpointing: {named['unsloth']}; no GPU memory to measure."
-    wanted = need_bytes * MARGIN + HEADROOM
+    wanted = with_margin(need_bytes)
     choice = "false" if wanted <= free_bytes else "unsloth"
     return choice, (f"Gradient checkpointing (auto): {named[choice]}: a step's activations need up to "
                     f"{need_bytes / GIB:.1f} GiB without it ({wanted / GIB:.1f} GiB with the margin), "
@@ -64,7 +69,7 @@ def split_batch(per_row_bytes, batch_size, grad_accum, free_bytes):
     if free_bytes is None:
         return None
     for rows in range(batch_size - 1, MIN_MICRO_BATCH - 1, -1):
-        if batch_size % rows == 0 and per_row_bytes * rows * MARGIN + HEADROOM <= free_bytes:
+        if batch_size % rows == 0 and with_margin(per_row_bytes * rows) <= free_bytes:
             return rows, grad_accum * (batch_size // rows)
     return None
 
@@ -75,8 +80,8 @@ def split_line(per_row_bytes, batch_size, grad_accum, split, free_bytes):
     return (f"Gradient checkpointing (auto): none (every activation kept), in micro-batches of {rows} x grad-accum "
             f"{accum} instead of {batch_size} x {grad_accum}: the same {batch_size * grad_accum} rows per optimizer "
             f"step. {batch_size} rows' activations need up to {per_row_bytes * batch_size / GIB:.1f} GiB, {rows} rows' "
-            f"{per_row_bytes * rows / GIB:.1f} GiB ({per_row_bytes * rows * MARGIN / GIB + HEADROOM / GIB:.1f} GiB with "
-            f"the margin); {free_bytes / GIB:.1f} GiB of the GPU is free.")
+            f"{per_row_bytes * rows / GIB:.1f} GiB ({with_margin(per_row_bytes * rows) / GIB:.1f} GiB with the margin); "
+            f"{free_bytes / GIB:.1f} GiB of the GPU is free.")
 
 
 def plan_checkpointing(requested, per_row_bytes, batch_size, grad_accum, free_bytes):
@@ -84,8 +89,9 @@ def plan_checkpointing(requested, per_row_bytes, batch_size, grad_accum, free_by
     worst (per_row_bytes: one row at --max-seq-length). Where auto would need checkpointing for the
     asked micro-batch but a smaller one fits, it keeps every activation in the smaller one."""
     choice, why = choose_checkpointing(requested, per_row_bytes * batch_size, free_bytes)
-    split = split_batch(per_row_bytes, batch_size, grad_accum, free_bytes) if requested == "auto" else None
-    if choice == "false" or split is None:
+    split = (split_batch(per_row_bytes, batch_size, grad_accum, free_bytes)
+             if requested == "auto" and choice != "false" else None)
+    if split is None:
         return choice, why, (batch_size, grad_accum)
     return "false", split_line(per_row_bytes, batch_size, grad_accum, split, free_bytes), split
 
@@ -105,7 +111,7 @@ def choose_dequantize(requested, copy_bytes, checkpointing, need_bytes, free_byt
         made = requested == "true"
         return made, (f"Frozen 4-bit weights: {'dequantized once to 16-bit copies' if made else 'dequantized at each use'} "
                       f"({size} of copies{'' if made else ' not made'}), as asked.")
-    wanted = (need_bytes * MARGIN if checkpointing == "false" else 0) + copy_bytes * MARGIN + HEADROOM
+    wanted = with_margin((need_bytes if checkpointing == "false" else 0) + copy_bytes)
     made = checkpointing == "false" and free_bytes is not None and wanted <= free_bytes
     if made:
         return True, (f"Frozen 4-bit weights (auto): dequantized once to 16-bit copies ({size}), the same values the "
