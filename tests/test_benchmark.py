@@ -290,3 +290,35 @@ def test_report_only_keeps_the_sections_other_benchmarks_write(tmp_path):
     r = bench("--report-only", "--out", tmp_path, "--markdown", md)
     assert r.returncode == 0, r.stderr
     assert md.read_text() == render_markdown(REPORT) + evaluation
+
+
+def test_profile_finds_the_lora_products_of_a_real_peft_model():
+    """Under torch.profiler with shapes, exactly LoRA's products are picked out: per adapter X @ A and
+    XA @ B forward, and backward the gradients of B, XA, A and of the input through A (not for the first
+    layer, whose input needs no gradient); the frozen weights' products are not."""
+    from peft import LoraConfig, get_peft_model
+
+    from medtune.bench.perf import lora_kernels, lora_matmuls
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 32))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["0", "2"]))
+    x = torch.randn(10, 32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        model(x).square().sum().backward()
+    picked = lora_matmuls(prof.events(), 4)
+    assert len(picked) == 2 * 2 + 4 + 3
+    assert all(4 in [d for s in e.input_shapes if len(s) >= 2 for d in s[-2:]] for e in picked)
+    products = [e for e in prof.events() if e.name in ("aten::mm", "aten::addmm")]
+    assert len(products) > len(picked)  # the frozen layers' own products and their input gradients
+    assert lora_matmuls(prof.events(), None) == [] and lora_kernels(prof.events(), 4) == []  # no kernels on a CPU
+
+
+def test_profile_buckets_move_lora_kernels_to_their_own_bucket():
+    from medtune.bench.perf import LORA_BUCKET, profile_buckets
+
+    kernels = [("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", 10000.0), ("void gemv2T_kernel", 700.0)]
+    p = profile_buckets(kernels, lora=[("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", 1500.0),
+                                       ("void gemv2T_kernel", 700.0)])
+    assert p["buckets"]["matmuls"] == 8.5 and p["buckets"]["other"] == 0.0 and p["buckets"][LORA_BUCKET] == 2.2
+    assert p["device_ms"] == 10.7 and LORA_BUCKET not in profile_buckets(kernels)["buckets"]

@@ -136,15 +136,46 @@ PROFILE_BUCKETS = [
 ]
 
 
-def profile_buckets(kernels):
+LORA_BUCKET = "LoRA's low-rank matmuls"
+# The products that launch kernels themselves (aten::matmul and aten::linear only dispatch to these).
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+
+
+def bucket_of(kernel_name):
+    low = kernel_name.lower()
+    return next((b for b, keys in PROFILE_BUCKETS if any(k in low for k in keys)), "other")
+
+
+def lora_matmuls(events, rank):
+    """The matrix products of LoRA's adapters among torch.profiler's FunctionEvents of a profile taken with
+    record_shapes: those with a side of `rank` (X @ A, XA @ B and their gradients; no frozen weight of
+    these models has a side that narrow)."""
+    def sides(e):
+        shapes = getattr(e, "input_shapes", None) or []
+        return [d for s in shapes if isinstance(s, (list, tuple)) and len(s) >= 2 for d in s[-2:]]
+
+    return [e for e in events if e.name in MATMUL_OPS and rank in sides(e)] if rank else []
+
+
+def lora_kernels(events, rank):
+    """[(kernel name, device microseconds)] that LoRA's matrix products launched (each kernel hangs under
+    the one operator that launched it)."""
+    return [(k.name, k.duration) for e in lora_matmuls(events, rank) for k in e.kernels]
+
+
+def profile_buckets(kernels, lora=()):
     """{"buckets": {name: ms}, "device_ms": total, "top": [[kernel, ms], ...]} from [(kernel name, device
-    microseconds)] of one profiled step."""
+    microseconds)] of one profiled step; the kernels in `lora` (medtune.bench.perf.lora_kernels, also
+    counted in `kernels`) move from the bucket their name puts them in to LoRA's own."""
     buckets = {name: 0.0 for name, _ in PROFILE_BUCKETS}
     buckets["other"] = 0.0
     for name, us in kernels:
-        low = name.lower()
-        bucket = next((b for b, keys in PROFILE_BUCKETS if any(k in low for k in keys)), "other")
-        buckets[bucket] += us / 1e3
+        buckets[bucket_of(name)] += us / 1e3
+    if lora:
+        buckets[LORA_BUCKET] = 0.0
+    for name, us in lora:
+        buckets[bucket_of(name)] -= us / 1e3
+        buckets[LORA_BUCKET] += us / 1e3
     top = sorted(kernels, key=lambda k: -k[1])[:10]
     return {"buckets": {k: round(v, 2) for k, v in buckets.items()},
             "device_ms": round(sum(us for _, us in kernels) / 1e3, 2),

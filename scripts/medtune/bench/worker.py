@@ -125,7 +125,7 @@ def profile_callback(step, result):
     from torch.autograd import DeviceType
     from transformers import TrainerCallback
 
-    from medtune.bench.perf import profile_buckets
+    from medtune.bench.perf import lora_kernels, profile_buckets
 
     class Profile(TrainerCallback):
         prof = None
@@ -135,7 +135,7 @@ def profile_callback(step, result):
                 cuda_sync()
                 acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                                 if torch.cuda.is_available() else [])
-                self.prof = torch.profiler.profile(activities=acts)
+                self.prof = torch.profiler.profile(activities=acts, record_shapes=True)
                 self.prof.__enter__()
                 self.started = time.perf_counter()
 
@@ -149,10 +149,21 @@ def profile_callback(step, result):
                 kernels = [(e.key, e.self_device_time_total) for e in self.prof.key_averages()
                            if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0
                            and not getattr(e, "is_user_annotation", False) and "#" not in e.key]
-                result["profile"] = {"step": step, "wall_ms": round(wall * 1e3, 1), **profile_buckets(kernels)}
+                lora = lora_kernels(self.prof.events(), lora_rank(kw.get("model")))
+                result["profile"] = {"step": step, "wall_ms": round(wall * 1e3, 1),
+                                     **profile_buckets(kernels, lora)}
                 self.prof = None
 
     return Profile()
+
+
+def lora_rank(model):
+    """The rank of the model's LoRA adapters (PEFT's `r` of the first LoRA layer), None without any."""
+    for module in (model.modules() if model is not None else ()):
+        r = getattr(module, "r", None)
+        if isinstance(r, dict) and r:
+            return next(iter(r.values()))
+    return None
 
 
 def varlen_probe_state():
