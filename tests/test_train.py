@@ -199,46 +199,77 @@ def test_auto_checkpointing_keeps_activations_only_where_they_fit():
         choose_checkpointing("sometimes", need, 1)
 
 
-def test_auto_keeps_activations_in_smaller_micro_batches_of_the_same_rows():
-    from medtune.train.memory import HEADROOM, MARGIN, MIN_MICRO_BATCH, activation_bytes, plan_checkpointing
+def test_auto_keeps_activations_in_micro_batches_of_capped_tokens():
+    from medtune.train.memory import MIN_MICRO_BATCH, activation_bytes, plan_checkpointing, with_margin
 
     mistral = FAMILY_SPECS["mistral"].full_config
-    per_row = activation_bytes(mistral, 2048)
-    # An 80 GB H100 with Mistral loaded (74.6 GiB free): 8 rows need checkpointing, 4 rows x 2 do not.
-    choice, line, split = plan_checkpointing("auto", per_row, 8, 1, int(74.6 * GIB))
-    assert (choice, split) == ("false", (4, 2))
-    assert "micro-batches of 4 x grad-accum 2 instead of 8 x 1" in line and "same 8 rows" in line
-    assert f"{per_row * 8 / GIB:.1f} GiB" in line and f"{per_row * 4 / GIB:.1f} GiB" in line and "74.6 GiB" in line
-    # The whole micro-batch fits (an H200), or nothing of at least MIN_MICRO_BATCH rows does (a T4): unchanged.
-    assert plan_checkpointing("auto", per_row, 8, 1, 134 * GIB)[::2] == ("false", (8, 1))
-    assert plan_checkpointing("auto", per_row, 8, 1, 13 * GIB)[::2] == ("unsloth", (8, 1))
-    assert MIN_MICRO_BATCH == 4
-    two_rows_fit = int(per_row * 2 * MARGIN + HEADROOM) + 1  # 2 rows would fit, 4 would not
-    assert plan_checkpointing("auto", per_row, 8, 1, two_rows_fit)[::2] == ("unsloth", (8, 1))
-    # The largest divisor of the micro-batch that fits, grad-accum scaled so the rows per step stay.
-    six_fit = int(per_row * 6 * MARGIN + HEADROOM) + 1
-    assert plan_checkpointing("auto", per_row, 12, 3, six_fit)[::2] == ("false", (6, 6))
-    assert plan_checkpointing("auto", per_row, 12, 3, six_fit - 2)[::2] == ("false", (4, 9))
-    # Only auto splits; without a GPU to measure nothing changes.
+    per_token, copies = activation_bytes(mistral, 1), 13 * GIB
+    # An 80 GB H100 with Mistral loaded in 4-bit (74.6 GiB free): 8 rows of 2048 tokens need checkpointing,
+    # but micro-batches of up to `cap` tokens, with room for the 16-bit copies of the weights, do not.
+    free = int(74.6 * GIB)
+    choice, line, cap = plan_checkpointing("auto", per_token, 2048, 8, free, copies)
+    assert choice == "false" and MIN_MICRO_BATCH * 2048 <= cap < 8 * 2048
+    assert with_margin(per_token * cap + copies) <= free < with_margin(per_token * (cap + 1) + copies)
+    assert f"in micro-batches of at most {cap:,} tokens" in line and "parts of whole rows" in line
+    assert "beside 13.0 GiB of 16-bit weight copies" in line and "74.6 GiB of the GPU is free" in line
+    assert f"{per_token * 8 * 2048 / GIB:.1f} GiB of activations" in line
+    # Where the copies leave no room for MIN_MICRO_BATCH rows but the activations alone have it: the cap
+    # without them (and --dequantize-once auto then makes none).
+    tight = int(with_margin(per_token * MIN_MICRO_BATCH * 2048)) + GIB
+    choice, line, cap = plan_checkpointing("auto", per_token, 2048, 8, tight, copies)
+    assert choice == "false" and cap >= MIN_MICRO_BATCH * 2048 and "copies" not in line
+    assert with_margin(per_token * cap) <= tight < with_margin(per_token * (cap + 1))
+    # The whole micro-batch fits (an H200): no cap. Not even MIN_MICRO_BATCH rows fit (a T4): Unsloth's.
+    assert plan_checkpointing("auto", per_token, 2048, 8, 134 * GIB, copies)[::2] == ("false", None)
+    assert plan_checkpointing("auto", per_token, 2048, 8, 13 * GIB, copies)[::2] == ("unsloth", None)
+    almost = int(with_margin(per_token * MIN_MICRO_BATCH * 2048)) - 1
+    assert plan_checkpointing("auto", per_token, 2048, 8, almost)[::2] == ("unsloth", None)
+    # Only auto caps; without a GPU to measure nothing changes.
     for asked in ("unsloth", "true", "false"):
-        assert plan_checkpointing(asked, per_row, 8, 1, int(74.6 * GIB))[::2] == (asked, (8, 1))
-    assert plan_checkpointing("auto", per_row, 8, 1, None)[::2] == ("unsloth", (8, 1))
+        assert plan_checkpointing(asked, per_token, 2048, 8, free, copies)[::2] == (asked, None)
+    assert plan_checkpointing("auto", per_token, 2048, 8, None, copies)[::2] == ("unsloth", None)
 
 
-def test_the_split_micro_batch_is_the_config_training_uses(monkeypatch):
+def test_the_cap_leaves_room_for_the_copies_dequantize_then_makes(monkeypatch):
+    from dataclasses import replace
     from types import SimpleNamespace
 
-    from medtune.config import TrainConfig, effective_batch
-    from medtune.train import modeling
+    from medtune.train import dequantize, modeling
+    from medtune.train.memory import activation_bytes, choose_dequantize
 
-    model = SimpleNamespace(config=FAMILY_SPECS["mistral"].full_config)
-    monkeypatch.setattr(modeling, "free_gpu_bytes", lambda: int(74.6 * GIB))
+    config = FAMILY_SPECS["mistral"].full_config
+    model, free, copies = SimpleNamespace(config=config), int(74.6 * GIB), 13 * GIB
+    monkeypatch.setattr(modeling, "free_gpu_bytes", lambda: free)
+    monkeypatch.setattr(dequantize, "copy_bytes", lambda m: copies)
     cfg = TrainConfig()
-    choice, line, split = modeling.choose_checkpointing(model, cfg)
-    assert choice == "false" and (split.batch_size, split.grad_accum) == (4, 2)
-    assert effective_batch(split, 1) == effective_batch(cfg, 1) == 8 and split.max_seq_length == cfg.max_seq_length
+    choice, line, cap = modeling.choose_checkpointing(model, cfg)
+    assert choice == "false" and cap < cfg.batch_size * cfg.max_seq_length
+    assert choose_dequantize("auto", copies, choice, activation_bytes(config, cap), free)[0] is True
+    # Without copies to make, the activations take their room: a larger cap.
+    assert modeling.choose_checkpointing(model, replace(cfg, dequantize_once="false"))[2] > cap
     monkeypatch.setattr(modeling, "free_gpu_bytes", lambda: None)
-    assert modeling.choose_checkpointing(model, cfg)[::2] == ("unsloth", cfg)
+    assert modeling.choose_checkpointing(model, cfg)[::2] == ("unsloth", None)
+
+
+def test_a_long_micro_batch_splits_into_parts_of_whole_rows():
+    from medtune.train.trainer import part_bounds, split_rows
+
+    # Padding-free: one sequence of packed rows of 5, 4, 6, 5 and 5 tokens, each restarting its positions.
+    lengths = [5, 4, 6, 5, 5]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    ids = torch.arange(25)[None]
+    batch = {"input_ids": ids, "labels": ids + 100, "position_ids": positions, "flag": True}
+    assert split_rows(batch, 25) is None
+    parts = split_rows(batch, 10)
+    assert [p["input_ids"].shape[1] for p in parts] == [9, 6, 10]
+    assert torch.equal(torch.cat([p["input_ids"] for p in parts], 1), ids)
+    assert torch.equal(torch.cat([p["labels"] for p in parts], 1), ids + 100)
+    assert all(p["position_ids"][0, 0] == 0 and p["flag"] is True for p in parts)
+    assert part_bounds([0, 12, 14], 20, 10) == [(0, 12), (12, 20)]  # a row longer than the cap: a part alone
+    # Padded: lines of 8 tokens, at most 2 per part of 16 tokens.
+    padded = {"input_ids": torch.ones(5, 8), "attention_mask": torch.ones(5, 8), "labels": torch.ones(5, 8)}
+    parts = split_rows(padded, 16)
+    assert [p["input_ids"].shape[0] for p in parts] == [2, 2, 1] and all(p["labels"].shape[1] == 8 for p in parts)
 
 
 def test_gradient_checkpointing_option_lists_its_choices():
@@ -414,26 +445,29 @@ def test_the_banner_names_the_model_trained():
 
 
 @pytest.mark.slow
-def test_auto_trains_the_same_rows_per_step_in_smaller_micro_batches(tmp_path, monkeypatch, capsys):
-    """Where free memory holds 4 rows' activations but not 8 (Mistral on an 80 GB card), a run trains
-    4 x grad-accum 2 without checkpointing, says why and where, and resumes with the same options."""
+def test_auto_trains_long_micro_batches_in_parts_with_the_same_losses(tmp_path, monkeypatch, capsys):
+    """Where free memory holds 4 rows at --max-seq-length but not 8 (Mistral on an 80 GB card), a run keeps
+    every activation and trains each micro-batch of more tokens than its cap in parts of whole rows: it
+    says so, counts them, and logs the losses of the same run trained whole; a resume decides again."""
     from medtune.train import modeling
-    from medtune.train.memory import HEADROOM, MARGIN, activation_bytes
+    from medtune.train.memory import activation_bytes, with_margin
 
     config = json.loads((modeling.tiny_model_dir(FAMILY_SPECS["mistral"]) / "config.json").read_text())
-    per_row = activation_bytes(config, 512)
-    monkeypatch.setattr(modeling, "free_gpu_bytes", lambda: int(per_row * 6 * MARGIN + HEADROOM))
-    run_dir = train("mistral", "--smoke", "--batch-size", "8", "--grad-accum", "1", "--max-seq-length", "512",
-                    "--max-steps", "2", "--output-dir", tmp_path, "--run-name", "split")
+    monkeypatch.setattr(modeling, "free_gpu_bytes", lambda: int(with_margin(activation_bytes(config, 4 * 1024))) + 1)
+    # The sample's rows hold 502 tokens or more: 8 of them always more than the cap of 4 rows of 1024.
+    common = ["--smoke", "--batch-size", "8", "--grad-accum", "1", "--max-seq-length", "1024", "--output-dir", tmp_path]
+    run_dir = train("mistral", *common, "--max-steps", "2", "--run-name", "parts")
     out = capsys.readouterr().out
-    assert "none (every activation kept), in micro-batches of 4 x grad-accum 2 instead of 8 x 1" in out
-    assert "effective batch 8 = batch 4 x grad-accum 2 x 1 process" in out
+    assert "none (every activation kept), in micro-batches of at most 4,096 tokens" in out
     info = json.loads((run_dir / "run_info.json").read_text())
-    assert info["micro_batch"] == {"batch_size": 4, "grad_accum": 2} and info["gradient_checkpointing"] == "false"
-    assert info["summary"]["effective_batch"] == 8 and sorted(losses(run_dir)) == [1, 2]
-    # config.yaml keeps what was asked, so a resume with the same options decides the split again.
+    assert info["micro_batch_token_cap"] == 4096 and info["micro_batches_split"] == 2
+    assert info["gradient_checkpointing"] == "false" and info["summary"]["effective_batch"] == 8
+    whole = train("mistral", *common, "--max-steps", "2", "--run-name", "whole", "--gradient-checkpointing", "false")
+    assert json.loads((whole / "run_info.json").read_text())["micro_batch_token_cap"] is None
+    split, kept = losses(run_dir), losses(whole)
+    assert sorted(split) == [1, 2] and all(math.isclose(split[k], kept[k], rel_tol=1e-5) for k in kept)
+    # config.yaml keeps what was asked, so a resume with the same options decides again.
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert (saved["batch_size"], saved["grad_accum"], saved["gradient_checkpointing"]) == (8, 1, "auto")
-    train("mistral", "--smoke", "--batch-size", "8", "--grad-accum", "1", "--max-seq-length", "512",
-          "--max-steps", "3", "--output-dir", tmp_path, "--run-name", "split", "--resume")
+    train("mistral", *common, "--max-steps", "3", "--run-name", "parts", "--resume")
     assert "resuming from checkpoint-2" in capsys.readouterr().out and sorted(losses(run_dir)) == [1, 2, 3]

@@ -72,10 +72,11 @@ class TrainConfig:
     packing: bool = _f(False, "Pack several examples into each sequence (TRL best-fit packing; masks stay per example).")
     gradient_checkpointing: str = _f(
         "auto", "Recompute activations in the backward pass to save memory. auto = none where a step's activations "
-                "(batch x --max-seq-length, estimated from the model's shape) fit the GPU's free memory; else none "
-                "in smaller micro-batches of at least 4 rows where those fit (the same rows per optimizer step: "
-                "--batch-size 8 --grad-accum 1 trains as 4 x 2); else unsloth (Unsloth's checkpointing, activations "
-                "offloaded to the CPU; what a 15 GB T4 needs); true = plain recomputation; false = none.",
+                "(batch x --max-seq-length, estimated from the model's shape) fit the GPU's free memory; else none, "
+                "with a cap on a micro-batch's tokens where at least 4 rows fit (a micro-batch of more tokens, rare "
+                "with rows shorter than the limit, trains in parts of whole rows: the same rows, loss and gradient); "
+                "else unsloth (Unsloth's checkpointing, activations offloaded to the CPU; what a 15 GB T4 needs); "
+                "true = plain recomputation; false = none.",
         choices=("auto", "unsloth", "true", "false"))
     dequantize_once: str = _f(
         "auto", "Keep 16-bit copies of the frozen 4-bit weights, dequantized once at load: the same values the 4-bit "

@@ -45,6 +45,7 @@ def run_row(name, entry, run, report):
         return f"| {name} | failed: see {run.get('log', 'the log') if run else 'the log'} | | | | | | | | |"
     m4, mhw = mfus(entry, run, report)
     layout = "padding-free" if run.get("padding_free") else ("packed" if run.get("packing") else "padded")
+    layout += f", at most {run['micro_batch_token_cap']:,} tokens a micro-batch" if run.get("micro_batch_token_cap") else ""
     return (f"| {name} | {run['batch_size']} x {run['grad_accum']}, {layout} | "
             f"{CHECKPOINTING.get(run.get('gradient_checkpointing'), run.get('gradient_checkpointing'))} | "
             f"{run['tokens_per_s']:,.0f} | {run['s_per_step']:.2f} | {_fmt(run['peak_allocated_gib'], '.2f')} | "
@@ -273,9 +274,10 @@ def render_markdown(report):
         "Written by `python scripts/benchmark.py` (see the README's Measured section). Random-weight models of the real "
         "architectures, built locally and loaded in 4-bit NF4; the same token rows, micro-batch, gradient accumulation "
         "and maximum length (2048) for every configuration, this project's defaults, except the reference row at the "
-        "notebook's own 2 x 4 and (a) where `--gradient-checkpointing auto` trains the same rows per step in smaller "
-        f"micro-batches to keep every activation (the table's batch column says so); {report.get('warmup')} warm-up steps left out, {report.get('steps')} steps measured unless a model's section says otherwise; "
-        "each configuration in its own process.",
+        "notebook's own 2 x 4 and (a) where `--gradient-checkpointing auto` keeps every activation by capping a "
+        "micro-batch's tokens, a longer micro-batch training in parts of whole rows (the table's batch column says so); "
+        f"{report.get('warmup')} warm-up steps left out, {report.get('steps')} steps measured unless a model's section "
+        "says otherwise; each configuration in its own process.",
         "",
         f"- Date: {report.get('date')}",
         f"- GPU: {report.get('gpu')}; measured bf16 matrix-multiply rate {rate.get('flops_per_s', 0) / 1e12:.0f} TFLOP/s "

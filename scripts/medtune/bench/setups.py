@@ -33,12 +33,12 @@ def load_ours(spec, family, cfg):
 
     model, tokenizer, _ = modeling.load_model(spec["model"], cfg)
     family.prepare_tokenizer(tokenizer)
-    checkpointing, why, cfg = modeling.choose_checkpointing(model, cfg)
+    checkpointing, why, cap = modeling.choose_checkpointing(model, cfg)
     print(f"[ours] {why}", flush=True)
-    dequantized, why = dequantize.apply(model, cfg, checkpointing, modeling.free_gpu_bytes())
+    dequantized, why = dequantize.apply(model, cfg, checkpointing, modeling.free_gpu_bytes(), cap)
     print(f"[ours] {why}", flush=True)
     model, targets = modeling.attach_lora(model, cfg, family, checkpointing, tokenizer)
-    return model, tokenizer, targets, checkpointing, dequantized, cfg
+    return model, tokenizer, targets, checkpointing, dequantized, cap
 
 
 def ours_config(spec, **extra):
@@ -53,12 +53,12 @@ def train_ours(spec, family, rows, run_dir, callbacks):
     from medtune.train.trainer import build_trainer
 
     cfg = ours_config(spec)
-    model, tokenizer, targets, checkpointing, dequantized, cfg = load_ours(spec, family, cfg)
-    trainer = build_trainer(model, tokenizer, rows, [], cfg, run_dir, callbacks, checkpointing)
+    model, tokenizer, targets, checkpointing, dequantized, cap = load_ours(spec, family, cfg)
+    trainer = build_trainer(model, tokenizer, rows, [], cfg, run_dir, callbacks, checkpointing, cap)
     # With the largest step's tokens and the peak memory, this checks --gradient-checkpointing auto's estimate.
     settings = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "max_seq_length": cfg.max_seq_length,
                 "packing": cfg.packing, "optim": cfg.optim, "gradient_checkpointing": checkpointing,
-                "dequantized_once": dequantized,
+                "dequantized_once": dequantized, "micro_batch_token_cap": cap,
                 "estimated_activation_bytes_per_token": activation_bytes(model.config, 1)}
     return model, trainer, targets, settings
 

@@ -216,6 +216,7 @@ def train(spec):
                    # Seconds of each step spent in CPython's full collections (the GPU idles through them).
                    "step_gc_seconds": [round(b[4] - a[4], 3) for a, b in steps],
                    "step_alloc_retries": [b[5] - a[5] for a, b in steps],
+                   "micro_batches_split": getattr(trainer, "split_micro_batches", None),
                    "varlen_probe": {"before_training": probe_before, "after": varlen_probe_state()},
                    "cap_gib": round(spec["cap_bytes"] / 2**30, 2) if spec.get("cap_bytes") else None, **(speed or {})})
     return result if distributed.is_main() else None
@@ -238,7 +239,7 @@ def budget(spec):
     vocab = json.loads((Path(spec["model"]) / "config.json").read_text())["vocab_size"]
     ladder = spec["ladder"]
     cfg = ours_config({**spec, "warmup": 0, "steps": 2}, max_seq_length=max([spec["defaults"]["max_seq_length"], *ladder]))
-    model, tokenizer, _, checkpointing, _, _ = load_ours(spec, family, cfg)
+    model, tokenizer, _, checkpointing, _, cap = load_ours(spec, family, cfg)
     results = {"cap_gib": round(spec["cap_bytes"] / 2**30, 2), "gradient_checkpointing": checkpointing, "tries": []}
 
     def attempt(label, length, batch, grad_accum):
@@ -251,7 +252,7 @@ def budget(spec):
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as run_dir:
-            trainer = build_trainer(model, tokenizer, rows, [], run_cfg, run_dir, [], checkpointing)
+            trainer = build_trainer(model, tokenizer, rows, [], run_cfg, run_dir, [], checkpointing, cap)
             try:
                 trainer.train()
                 ok = True

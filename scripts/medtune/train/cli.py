@@ -36,8 +36,7 @@ def say(*args, **kwargs):
 @dataclass
 class Prepared:
     """A run ready to train: the resolved config, the model with LoRA attached, the tokenized data."""
-    cfg: object  # what trains: --gradient-checkpointing auto may have split the micro-batch
-    asked: object  # the config as given, kept in config.yaml (a resume decides the split again)
+    cfg: object
     model: object
     tokenizer: object
     targets: list
@@ -48,6 +47,7 @@ class Prepared:
     data_stats: dict
     checkpointing: str  # the --gradient-checkpointing choice: unsloth, true or false
     dequantized: bool = False  # the --dequantize-once choice
+    cap: int = None  # auto's most tokens per micro-batch (longer ones train in parts of whole rows), None: no cap
 
 
 def run(family_name, argv=None, callbacks=()):
@@ -145,14 +145,13 @@ def prepare(family, cfg):
                         f"{cfg.max_seq_length} tokens (the shortest has {train_stats['shortest']}). Raise "
                         f"--max-seq-length to at least {train_stats['shortest']}, or pass --truncate to cut rows.")
     say(describe_data(train_stats, eval_stats, cfg))
-    asked = cfg
-    checkpointing, why, cfg = modeling.choose_checkpointing(model, cfg)
+    checkpointing, why, cap = modeling.choose_checkpointing(model, cfg)
     say(why)
-    dequantized, why = dequantize.apply(model, cfg, checkpointing, modeling.free_gpu_bytes())
+    dequantized, why = dequantize.apply(model, cfg, checkpointing, modeling.free_gpu_bytes(), cap)
     say(why)
     model, targets = modeling.attach_lora(model, cfg, family, checkpointing, tokenizer, say)
-    return Prepared(cfg, asked, model, tokenizer, targets, system_prompt, train_rows, eval_rows, eval_ex,
-                    dict(train=train_stats, eval=eval_stats), checkpointing, dequantized)
+    return Prepared(cfg, model, tokenizer, targets, system_prompt, train_rows, eval_rows, eval_ex,
+                    dict(train=train_stats, eval=eval_stats), checkpointing, dequantized, cap)
 
 
 def model_label(family, cfg):
@@ -174,11 +173,11 @@ def train(family, p, run_dir, checkpoint, callbacks):
 
     cfg = p.cfg
     if checkpoint is None and distributed.is_main():
-        runfolder.write_start(run_dir, to_dict(p.asked), p.system_prompt, p.tokenizer.chat_template,
+        runfolder.write_start(run_dir, to_dict(cfg), p.system_prompt, p.tokenizer.chat_template,
                               [ex.as_row() for ex in p.eval_examples])
     log = RunLog(run_dir / runfolder.METRICS)
     trainer = build_trainer(p.model, p.tokenizer, p.train_rows, p.eval_rows, cfg, run_dir, [log, *callbacks],
-                            p.checkpointing)
+                            p.checkpointing, p.cap)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     n = distributed.world_size()
@@ -232,7 +231,8 @@ def finish(family, p, run_dir, checkpoint, trainer, log, result, wall):
         "family": family.name, "base_model": cfg.model, "lora_targets": p.targets, "dtype": str(p.model.dtype),
         "device": describe_device(), "ddp_backend": distributed.backend(),
         "padding_free": bool(getattr(trainer, "padding_free", False)), "gradient_checkpointing": p.checkpointing,
-        "micro_batch": {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}, "dequantized_once": p.dequantized,
+        "micro_batch_token_cap": p.cap, "micro_batches_split": getattr(trainer, "split_micro_batches", None),
+        "dequantized_once": p.dequantized,
         "tokenizer_model_copied": has_spm,
         "data": p.data_stats, "summary": summary, "versions": versions(),
         "command": " ".join(sys.argv), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),

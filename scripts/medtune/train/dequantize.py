@@ -54,10 +54,11 @@ def dequantize_once(model):
     return len(layers)
 
 
-def apply(model, cfg, checkpointing, free_bytes):
-    """Decide --dequantize-once for this run (a step's activations at their worst, as
-    --gradient-checkpointing auto weighs them), make the copies if so; (made?, the line saying why)."""
-    need = activation_bytes(model.config, cfg.batch_size * cfg.max_seq_length)
+def apply(model, cfg, checkpointing, free_bytes, cap=None):
+    """Decide --dequantize-once for this run (a micro-batch's activations at their worst, as
+    --gradient-checkpointing auto weighs them: cap tokens where it caps them), make the copies if so;
+    (made?, the line saying why)."""
+    need = activation_bytes(model.config, min(cfg.batch_size * cfg.max_seq_length, cap or float("inf")))
     made, why = choose_dequantize(cfg.dequantize_once, copy_bytes(model), checkpointing, need, free_bytes)
     if made:
         dequantize_once(model)

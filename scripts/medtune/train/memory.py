@@ -20,10 +20,12 @@ LOGIT_BYTES = 8
 # for the LoRA weights, the optimizer state and the CUDA kernels' workspaces.
 MARGIN = 1.15
 HEADROOM = 2 * GIB
-# auto's smallest micro-batch without checkpointing, where the asked one's activations do not fit.
-# Measured on an H100 80GB (2026-12-06, Mistral-7B, rows of about 880 tokens, 8 rows a step): 4 x 2
-# without checkpointing trained 1.41x as fast as 8 x 1 with Unsloth's; 2 x 4 without it 0.97x. Where the
-# whole micro-batch fits it stays: Phi-3 on that card as 4 x 2 ran 0.90x of 8 x 1, both without checkpointing.
+# auto's token cap per micro-batch without checkpointing, where the asked micro-batch's worst case does
+# not fit, must hold this many rows at --max-seq-length. Measured on an H100 80GB (2026-12-06, Mistral-7B,
+# rows of about 880 tokens, 8 rows a step): 4 x 2 without checkpointing trained 1.41x as fast as 8 x 1
+# with Unsloth's, 2 x 4 without it 0.97x; 8 x 1 without it, even without 16-bit weight copies, 1.04x of
+# 4 x 2 with them (Phi-3: 4 x 2 ran 0.90x of 8 x 1). So a step trains whole where it fits, and parts pay
+# only down to about 4 rows.
 MIN_MICRO_BATCH = 4
 CHOICES = ("auto", "unsloth", "true", "false")
 DEQUANTIZE_CHOICES = ("auto", "true", "false")
@@ -62,38 +64,40 @@ def choose_checkpointing(requested, need_bytes, free_bytes):
                     f"{free_bytes / GIB:.1f} GiB of the GPU is free.")
 
 
-def split_batch(per_row_bytes, batch_size, grad_accum, free_bytes):
-    """For auto, where batch_size rows' activations do not fit: (rows, grad_accum) that train the same
-    rows per optimizer step in smaller micro-batches keeping every activation (the largest divisor of
-    batch_size of at least MIN_MICRO_BATCH rows whose step fits free_bytes with the margin), else None."""
-    if free_bytes is None:
-        return None
-    for rows in range(batch_size - 1, MIN_MICRO_BATCH - 1, -1):
-        if batch_size % rows == 0 and with_margin(per_row_bytes * rows) <= free_bytes:
-            return rows, grad_accum * (batch_size // rows)
-    return None
+def token_cap(per_token_bytes, free_bytes, reserve_bytes=0):
+    """The most tokens one micro-batch may hold keeping every activation: the largest count whose
+    activations, with reserve_bytes beside them, pass with_margin within free_bytes (0 where none)."""
+    room = (free_bytes - HEADROOM) / MARGIN - reserve_bytes
+    return max(0, int(room // per_token_bytes))
 
 
-def split_line(per_row_bytes, batch_size, grad_accum, split, free_bytes):
-    """The line saying why auto trains in smaller micro-batches (split: split_batch's answer)."""
-    rows, accum = split
-    return (f"Gradient checkpointing (auto): none (every activation kept), in micro-batches of {rows} x grad-accum "
-            f"{accum} instead of {batch_size} x {grad_accum}: the same {batch_size * grad_accum} rows per optimizer "
-            f"step. {batch_size} rows' activations need up to {per_row_bytes * batch_size / GIB:.1f} GiB, {rows} rows' "
-            f"{per_row_bytes * rows / GIB:.1f} GiB ({with_margin(per_row_bytes * rows) / GIB:.1f} GiB with the margin); "
+def cap_line(per_token_bytes, max_seq_length, batch_size, cap, free_bytes, reserve_bytes):
+    """The line saying why auto keeps every activation in micro-batches of at most `cap` tokens."""
+    worst = per_token_bytes * max_seq_length * batch_size
+    beside = f" beside {reserve_bytes / GIB:.1f} GiB of 16-bit weight copies" if reserve_bytes else ""
+    return (f"Gradient checkpointing (auto): none (every activation kept), in micro-batches of at most {cap:,} tokens: "
+            f"the {batch_size} rows of a micro-batch train whole when they hold no more, else in parts of whole rows "
+            f"(the same rows, loss and gradient per optimizer step). {batch_size} rows of {max_seq_length} tokens "
+            f"would need {worst / GIB:.1f} GiB of activations, {cap:,} tokens "
+            f"{with_margin(per_token_bytes * cap + reserve_bytes) / GIB:.1f} GiB with the margin{beside}; "
             f"{free_bytes / GIB:.1f} GiB of the GPU is free.")
 
 
-def plan_checkpointing(requested, per_row_bytes, batch_size, grad_accum, free_bytes):
-    """(choice, the line saying why, (micro-batch rows, grad_accum)) with activations weighed at their
-    worst (per_row_bytes: one row at --max-seq-length). Where auto would need checkpointing for the
-    asked micro-batch but a smaller one fits, it keeps every activation in the smaller one."""
-    choice, why = choose_checkpointing(requested, per_row_bytes * batch_size, free_bytes)
-    split = (split_batch(per_row_bytes, batch_size, grad_accum, free_bytes)
-             if requested == "auto" and choice != "false" else None)
-    if split is None:
-        return choice, why, (batch_size, grad_accum)
-    return "false", split_line(per_row_bytes, batch_size, grad_accum, split, free_bytes), split
+def plan_checkpointing(requested, per_token_bytes, max_seq_length, batch_size, free_bytes, reserve_bytes=0):
+    """(choice, the line saying why, cap) with activations weighed at their worst (batch_size rows of
+    max_seq_length tokens). Where auto would need checkpointing for that worst case but a micro-batch
+    of MIN_MICRO_BATCH such rows fits, it keeps every activation and caps a micro-batch's tokens
+    instead (cap; None: no cap): most micro-batches of real rows hold far fewer tokens than the worst
+    case and train whole, a longer one trains in parts (medtune.train.trainer.split_long_micro_batches).
+    The cap leaves room for reserve_bytes (the 16-bit weight copies) where it can."""
+    choice, why = choose_checkpointing(requested, per_token_bytes * max_seq_length * batch_size, free_bytes)
+    if requested != "auto" or choice == "false" or free_bytes is None:
+        return choice, why, None
+    for reserve in dict.fromkeys((reserve_bytes, 0)):
+        cap = token_cap(per_token_bytes, free_bytes, reserve)
+        if cap >= MIN_MICRO_BATCH * max_seq_length:
+            return "false", cap_line(per_token_bytes, max_seq_length, batch_size, cap, free_bytes, reserve), cap
+    return choice, why, None
 
 
 def choose_dequantize(requested, copy_bytes, checkpointing, need_bytes, free_bytes):

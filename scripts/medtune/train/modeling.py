@@ -143,16 +143,15 @@ def free_gpu_bytes():
 
 
 def choose_checkpointing(model, cfg):
-    """(choice "unsloth" / "true" / "false", the line that says why, the config to train with) for
-    --gradient-checkpointing (medtune.train.memory.plan_checkpointing), from the smallest free memory of
-    any rank: auto may keep every activation in smaller micro-batches of the same rows per optimizer
-    step, and the config says so."""
+    """(choice "unsloth" / "true" / "false", the line that says why, the token cap of a micro-batch or
+    None) for --gradient-checkpointing (medtune.train.memory.plan_checkpointing), from the smallest free
+    memory of any rank, leaving room for the 16-bit weight copies where --dequantize-once may make them."""
+    from medtune.train.dequantize import copy_bytes
     from medtune.train.memory import activation_bytes, plan_checkpointing
 
-    per_row = activation_bytes(model.config, cfg.max_seq_length)
-    choice, why, (rows, accum) = plan_checkpointing(cfg.gradient_checkpointing, per_row, cfg.batch_size,
-                                                    cfg.grad_accum, distributed.smallest(free_gpu_bytes()))
-    return choice, why, dataclasses.replace(cfg, batch_size=rows, grad_accum=accum)
+    reserve = copy_bytes(model) if cfg.dequantize_once != "false" else 0
+    return plan_checkpointing(cfg.gradient_checkpointing, activation_bytes(model.config, 1), cfg.max_seq_length,
+                              cfg.batch_size, distributed.smallest(free_gpu_bytes()), reserve)
 
 
 UNSLOTH_CHECKPOINTING = {"unsloth": "unsloth", "true": True, "false": False}

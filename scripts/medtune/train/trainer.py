@@ -47,7 +47,7 @@ def describe_device():
     return one if n == 1 else f"{n} processes ({distributed.backend()}), rank 0 on {one}"
 
 
-def build_trainer(model, tokenizer, train_rows, eval_rows, cfg, run_dir, callbacks, checkpointing="unsloth"):
+def build_trainer(model, tokenizer, train_rows, eval_rows, cfg, run_dir, callbacks, checkpointing="unsloth", cap=None):
     import torch
     from datasets import Dataset
     from transformers.trainer_callback import ProgressCallback
@@ -81,7 +81,69 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, cfg, run_dir, callbac
     trainer.remove_callback(ProgressCallback)
     for cb in callbacks:
         trainer.add_callback(cb)
+    if cap:
+        split_long_micro_batches(trainer, cap)
     return trainer
+
+
+def part_bounds(row_starts, total, cap):
+    """[(begin, end)] of parts of whole rows, each of at most `cap` tokens where its rows allow (a row
+    longer than cap is a part of its own), from the rows' first positions in a sequence of `total`."""
+    ends = list(row_starts[1:]) + [total]
+    bounds, begin, prev = [], 0, 0
+    for end in ends:
+        if end - begin > cap and prev > begin:
+            bounds.append((begin, prev))
+            begin = prev
+        prev = end
+    return bounds + [(begin, total)]
+
+
+def split_rows(inputs, cap):
+    """A micro-batch of more than `cap` tokens as parts of whole rows, each of at most cap tokens; None
+    where it holds no more. Padding-free batches (one sequence of packed rows, each starting at position
+    0) split along the sequence; padded ones (one row per line) into groups of lines."""
+    import torch
+
+    ids = inputs["input_ids"]
+    lines, width = ids.shape[0], ids.shape[-1]
+    if lines * width <= cap:
+        return None
+    if lines == 1 and "position_ids" in inputs:
+        starts = torch.nonzero(inputs["position_ids"][0] == 0).flatten().tolist()
+        bounds, dim, size = part_bounds(starts or [0], width, cap), 1, width
+    else:
+        step = max(1, cap // width)
+        bounds, dim, size = [(b, min(b + step, lines)) for b in range(0, lines, step)], 0, lines
+    sliceable = {k: v for k, v in inputs.items() if torch.is_tensor(v) and v.dim() > dim and v.shape[dim] == size
+                 and (dim == 1) == (v.shape[0] == 1)}
+    return [{**inputs, **{k: v.narrow(dim, b, e - b) for k, v in sliceable.items()}} for b, e in bounds]
+
+
+def split_long_micro_batches(trainer, cap):
+    """Train each micro-batch of more than `cap` tokens in parts of whole rows (split_rows), each part
+    a forward and backward of its own with the micro-batch's loss normalization (num_items_in_batch:
+    the loss summed over a part's tokens, divided by the step's token count), so that the gradients add
+    up to the whole micro-batch's and the returned loss is its loss. Under DDP only the last part's
+    backward synchronizes. trainer.split_micro_batches counts the micro-batches split."""
+    import contextlib
+
+    trainer.split_micro_batches = 0
+
+    def training_step(model, inputs, num_items_in_batch=None):
+        step = type(trainer).training_step
+        parts = split_rows(inputs, cap) if num_items_in_batch is not None else None
+        if not parts:  # without num_items_in_batch a part's loss is its own mean: no exact sum of parts
+            return step(trainer, model, inputs, num_items_in_batch)
+        trainer.split_micro_batches += 1
+        loss = 0
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            with contextlib.nullcontext() if last else trainer.accelerator.no_sync(model):
+                loss = loss + step(trainer, model, part, num_items_in_batch)
+        return loss
+
+    trainer.training_step = training_step
 
 
 def out_of_memory_message(cfg):
