@@ -156,6 +156,12 @@ def test_report_names_the_loader_where_the_notebook_loads_a_family_otherwise():
     said = where_gains_come_from(split, "mistral")
     assert "against (b) four differences" in said and "the micro-batch (4 x grad-accum 2 against 8 x 1" in said
     assert "| (a) this project, defaults | 4 x 2, padding-free |" in render_markdown({**REPORT, "models": {"mistral": split}})
+    # Since then: the asked micro-batch with a cap on its tokens, said in the batch column.
+    capped = copy.deepcopy(copies)
+    capped["runs"]["ours"]["micro_batch_token_cap"] = 9679
+    assert "three differences" in where_gains_come_from(capped, "mistral")
+    assert "| (a) this project, defaults | 8 x 1, padding-free, at most 9,679 tokens a micro-batch |" in render_markdown(
+        {**REPORT, "models": {"mistral": capped}})
 
 
 def test_report_names_the_measured_steps_that_compiled():
