@@ -258,13 +258,20 @@ def test_a_long_micro_batch_splits_into_parts_of_whole_rows():
     lengths = [5, 4, 6, 5, 5]
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
     ids = torch.arange(25)[None]
-    batch = {"input_ids": ids, "labels": ids + 100, "position_ids": positions, "flag": True}
+    # Unsloth's collator adds packed_seq_lengths, one entry per row: attention takes the rows' bounds from it.
+    batch = {"input_ids": ids, "labels": ids + 100, "position_ids": positions, "flag": True,
+             "packed_seq_lengths": torch.tensor(lengths, dtype=torch.int32)}
     assert split_rows(batch, 25) is None
     parts = split_rows(batch, 10)
     assert [p["input_ids"].shape[1] for p in parts] == [9, 6, 10]
+    assert [p["packed_seq_lengths"].tolist() for p in parts] == [[5, 4], [6], [5, 5]]
     assert torch.equal(torch.cat([p["input_ids"] for p in parts], 1), ids)
     assert torch.equal(torch.cat([p["labels"] for p in parts], 1), ids + 100)
     assert all(p["position_ids"][0, 0] == 0 and p["flag"] is True for p in parts)
+    # Metadata a part could not be given as its own: the micro-batch is not split.
+    assert split_rows({**batch, "packed_seq_lengths": torch.tensor([9, 6, 10])}, 10) is None
+    assert split_rows({**batch, "cu_seq_lens_q": torch.tensor([0, 5, 9, 15, 20, 25, 25])}, 10) is None
+    assert len(split_rows({**batch, "scale": torch.tensor(2.0)}, 10)) == 3  # a scalar goes to every part
     assert part_bounds([0, 12, 14], 20, 10) == [(0, 12), (12, 20)]  # a row longer than the cap: a part alone
     # Padded: lines of 8 tokens, at most 2 per part of 16 tokens.
     padded = {"input_ids": torch.ones(5, 8), "attention_mask": torch.ones(5, 8), "labels": torch.ones(5, 8)}
@@ -449,11 +456,13 @@ def test_auto_trains_long_micro_batches_in_parts_with_the_same_losses(tmp_path, 
     """Where free memory holds 4 rows at --max-seq-length but not 8 (Mistral on an 80 GB card), a run keeps
     every activation and trains each micro-batch of more tokens than its cap in parts of whole rows: it
     says so, counts them, and logs the losses of the same run trained whole; a resume decides again."""
-    from medtune.train import modeling
+    from medtune.train import modeling, trainer
     from medtune.train.memory import activation_bytes, with_margin
 
     config = json.loads((modeling.tiny_model_dir(FAMILY_SPECS["mistral"]) / "config.json").read_text())
     monkeypatch.setattr(modeling, "free_gpu_bytes", lambda: int(with_margin(activation_bytes(config, 4 * 1024))) + 1)
+    seen, split_rows = [], trainer.split_rows
+    monkeypatch.setattr(trainer, "split_rows", lambda inputs, cap: seen.append(sorted(inputs)) or split_rows(inputs, cap))
     # The sample's rows hold 502 tokens or more: 8 of them always more than the cap of 4 rows of 1024.
     common = ["--smoke", "--batch-size", "8", "--grad-accum", "1", "--max-seq-length", "1024", "--output-dir", tmp_path]
     run_dir = train("mistral", *common, "--max-steps", "2", "--run-name", "parts")
@@ -462,6 +471,9 @@ def test_auto_trains_long_micro_batches_in_parts_with_the_same_losses(tmp_path, 
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["micro_batch_token_cap"] == 4096 and info["micro_batches_split"] == 2
     assert info["gradient_checkpointing"] == "false" and info["summary"]["effective_batch"] == 8
+    # On a CPU Unsloth pads its batches (on a GPU they are padding-free, split in
+    # test_a_long_micro_batch_splits_into_parts_of_whole_rows): these split into groups of lines.
+    assert seen and all("attention_mask" in keys for keys in seen), seen
     whole = train("mistral", *common, "--max-steps", "2", "--run-name", "whole", "--gradient-checkpointing", "false")
     assert json.loads((whole / "run_info.json").read_text())["micro_batch_token_cap"] is None
     split, kept = losses(run_dir), losses(whole)

@@ -102,7 +102,10 @@ def part_bounds(row_starts, total, cap):
 def split_rows(inputs, cap):
     """A micro-batch of more than `cap` tokens as parts of whole rows, each of at most cap tokens; None
     where it holds no more. Padding-free batches (one sequence of packed rows, each starting at position
-    0) split along the sequence; padded ones (one row per line) into groups of lines."""
+    0) split along the sequence, and per-row tensors such as Unsloth's packed_seq_lengths (one entry per
+    row; attention finds the rows' bounds there) split with their rows; padded batches (one row per line)
+    split into groups of lines. None too where a tensor is neither per token nor per row, or where
+    packed_seq_lengths disagrees with the positions: no part is given metadata that is not its own."""
     import torch
 
     ids = inputs["input_ids"]
@@ -110,14 +113,26 @@ def split_rows(inputs, cap):
     if lines * width <= cap:
         return None
     if lines == 1 and "position_ids" in inputs:
-        starts = torch.nonzero(inputs["position_ids"][0] == 0).flatten().tolist()
-        bounds, dim, size = part_bounds(starts or [0], width, cap), 1, width
+        starts = torch.nonzero(inputs["position_ids"][0] == 0).flatten().tolist() or [0]
+        lengths = inputs.get("packed_seq_lengths")
+        row_lengths = [e - b for b, e in zip(starts, starts[1:] + [width])]
+        if lengths is not None and torch.as_tensor(lengths).tolist() != row_lengths:
+            return None
+        bounds, dim, size, first_row = part_bounds(starts, width, cap), 1, width, {s: i for i, s in enumerate(starts)}
+        rows = [(first_row[b], first_row.get(e, len(starts))) for b, e in bounds]
     else:
         step = max(1, cap // width)
         bounds, dim, size = [(b, min(b + step, lines)) for b in range(0, lines, step)], 0, lines
-    sliceable = {k: v for k, v in inputs.items() if torch.is_tensor(v) and v.dim() > dim and v.shape[dim] == size
+        rows = bounds
+    per_token = {k for k, v in inputs.items() if torch.is_tensor(v) and v.dim() > dim and v.shape[dim] == size
                  and (dim == 1) == (v.shape[0] == 1)}
-    return [{**inputs, **{k: v.narrow(dim, b, e - b) for k, v in sliceable.items()}} for b, e in bounds]
+    per_row = {k for k, v in inputs.items() if torch.is_tensor(v) and v.dim() == 1 and k not in per_token
+               and v.numel() == rows[-1][1]}
+    unknown = [k for k, v in inputs.items() if torch.is_tensor(v) and v.dim() and k not in per_token | per_row]
+    if len(bounds) < 2 or unknown:
+        return None
+    return [{**inputs, **{k: inputs[k].narrow(dim, b, e - b) for k in per_token},
+             **{k: inputs[k][r0:r1] for k in per_row}} for (b, e), (r0, r1) in zip(bounds, rows)]
 
 
 def split_long_micro_batches(trainer, cap):
