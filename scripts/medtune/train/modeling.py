@@ -3,7 +3,6 @@
 Unsloth must be imported before transformers, TRL and PEFT so that its patches apply: callers
 import this module first.
 """
-import dataclasses
 import os
 import shutil
 import warnings
