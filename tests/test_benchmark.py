@@ -150,6 +150,11 @@ def test_report_names_the_loader_where_the_notebook_loads_a_family_otherwise():
     assert "against (b) three differences" in where_gains_come_from(copies, "mistral")
     assert "| defaults: none checkpointing, 16-bit copies of the 4-bit weights (auto) |" in render_markdown(
         {**REPORT, "models": {"phi3": copies}})
+    summed = copy.deepcopy(copies)
+    summed["runs"]["ours"]["lora_add"] = "kernel"
+    assert ("| defaults: none checkpointing, 16-bit copies of the 4-bit weights, LoRA's product summed in the kernel "
+            "after it (auto) |") in render_markdown({**REPORT, "models": {"phi3": summed}})
+    assert "three differences" in where_gains_come_from(summed, "phi3") and "LoRA's sum" in where_gains_come_from(summed, "phi3")
     # An 80 GB card: auto trained Mistral's 8 rows a step as 4 x 2 to keep every activation.
     split = copy.deepcopy(copies)
     split["runs"]["ours"].update(batch_size=4, grad_accum=2)

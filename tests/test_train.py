@@ -471,6 +471,7 @@ def test_auto_trains_long_micro_batches_in_parts_with_the_same_losses(tmp_path, 
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["micro_batch_token_cap"] == 4096 and info["micro_batches_split"] == 2
     assert info["gradient_checkpointing"] == "false" and info["summary"]["effective_batch"] == 8
+    assert info["lora_add"] is None  # on a CPU Unsloth leaves PEFT's LoRA forward alone (tests/test_lora_add.py)
     # On a CPU Unsloth pads its batches (on a GPU they are padding-free, split in
     # test_a_long_micro_batch_splits_into_parts_of_whole_rows): these split into groups of lines.
     assert seen and all("attention_mask" in keys for keys in seen), seen

@@ -41,6 +41,8 @@ TUNING = [
     ("the previous defaults: Unsloth's offloaded checkpointing, 4-bit weights dequantized at each use", {"gradient_checkpointing": "unsloth"}),
     ("4-bit weights dequantized at each use (no 16-bit copies)", {"dequantize_once": "false"}),
     ("TRL best-fit packing, batch 4 x 2048 tokens", {"packing": True, "batch_size": 4}),
+    # medtune/train/lora_add.py: Unsloth's own LoRA sum in compiled blocks (a copy of the frozen product first).
+    ("LoRA's product added by Unsloth's addmm", {}, {"MEDTUNE_LORA_ADDMM": "1"}),
 ]
 
 
@@ -214,9 +216,10 @@ def measure_model(args, run, family, out, results, save):
         save()
     if "tuning" not in args.skip:
         entry["tuning"] = []
-        for name, overrides in TUNING:
-            r = run("train", f"{family}-tune", setup="ours", overrides=overrides, **common)
-            entry["tuning"].append({"change": name, "overrides": overrides, **r})
+        for name, overrides, *env in TUNING:  # (what, TrainConfig overrides[, environment of the run])
+            env = env[0] if env else {}
+            r = run("train", f"{family}-tune", setup="ours", overrides=overrides, env=env, **common)
+            entry["tuning"].append({"change": name, "overrides": overrides, **({"env": env} if env else {}), **r})
             save()
     if "budget" not in args.skip:
         measure_budget(run, family, model_dir, sizes, entry, common, defaults, save)

@@ -49,6 +49,7 @@ def ours_config(spec, **extra):
 
 
 def train_ours(spec, family, rows, run_dir, callbacks):
+    from medtune.train import lora_add
     from medtune.train.memory import activation_bytes
     from medtune.train.trainer import build_trainer
 
@@ -58,7 +59,7 @@ def train_ours(spec, family, rows, run_dir, callbacks):
     # With the largest step's tokens and the peak memory, this checks --gradient-checkpointing auto's estimate.
     settings = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "max_seq_length": cfg.max_seq_length,
                 "packing": cfg.packing, "optim": cfg.optim, "gradient_checkpointing": checkpointing,
-                "dequantized_once": dequantized, "micro_batch_token_cap": cap,
+                "dequantized_once": dequantized, "micro_batch_token_cap": cap, "lora_add": lora_add.path_of(model),
                 "estimated_activation_bytes_per_token": activation_bytes(model.config, 1)}
     return model, trainer, targets, settings
 

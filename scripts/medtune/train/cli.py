@@ -22,6 +22,7 @@ from medtune.config import default_max_steps, effective_batch, parse_config, to_
 from medtune.errors import UserError, report_user_errors
 from medtune.families import FAMILIES
 from medtune.fileio import read_jsonl
+from medtune.train import lora_add
 from medtune.train.resume import (check_run_dir_path, check_world_size, match_adapter_dtype, newest_checkpoint,
                                   nothing_left, resume_config, whole_run_loss_mean)
 from medtune.train.trainer import build_trainer, describe_device, out_of_memory_message, read_system_prompt, versions
@@ -232,7 +233,7 @@ def finish(family, p, run_dir, checkpoint, trainer, log, result, wall):
         "device": describe_device(), "ddp_backend": distributed.backend(),
         "padding_free": bool(getattr(trainer, "padding_free", False)), "gradient_checkpointing": p.checkpointing,
         "micro_batch_token_cap": p.cap, "micro_batches_split": getattr(trainer, "split_micro_batches", None),
-        "dequantized_once": p.dequantized,
+        "dequantized_once": p.dequantized, "lora_add": lora_add.path_of(p.model),
         "tokenizer_model_copied": has_spm,
         "data": p.data_stats, "summary": summary, "versions": versions(),
         "command": " ".join(sys.argv), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -17,6 +17,7 @@ from medtune.config import resolve_path
 from medtune.errors import UserError
 from medtune.fileio import atomic_dir
 from medtune.families import linear_names, resolve_lora_targets
+from medtune.train import lora_add
 from medtune.offline_tokenizers import cache_dir, tokenizer_dir
 
 
@@ -245,6 +246,7 @@ def attach_lora(model, cfg, family, checkpointing="unsloth", tokenizer=None, say
     layers = model.config.num_hidden_layers
     assert attached == layers * len(targets), f"LoRA attached to {attached} modules, expected {layers} x {targets}"
     settle_varlen_probe(model)
+    lora_add.add_in_compiled_kernels(model)
     return model, targets
 
 

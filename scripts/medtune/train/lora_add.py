@@ -1,0 +1,54 @@
+"""Where LoRA's product meets the frozen layer's output inside a compiled decoder block.
+
+Unsloth replaces PEFT's LoRA forward (unsloth_zoo.compiler.COMPILED_LORA_FORWARD) with one that adds
+the adapter to the frozen product through torch.addmm(result, xA, B^T, beta=1, alpha=scaling). In a
+compiled block that is an out-of-place addmm: the GEMM's output is a new buffer, so the frozen
+product (tokens x out features) is first copied into it, then read again by the GEMM that adds. On an
+H100 80GB, in one steady-state step of Mistral-7B (8,033 tokens, 2026-12-06 14:23 UTC), those copies
+took 14.5 ms and the adding GEMMs 22.5 ms of 491 ms of GPU kernels, most of it for gate_proj and
+up_proj (14,336 features a token).
+
+Unsloth keeps a second path in the same function, for torch 2.8/2.9 where inductor miscompiled that
+addmm: result + scaling * (xA @ B^T). There the low-rank product is a plain GEMM, and inductor adds it
+inside the kernel that reads the sum next (RoPE for q and k, SiLU x up, the residual add), so the sum
+is never written on its own. This module switches a model's compiled blocks to that path: the same
+LoRA, summed in float32 inside a kernel instead of inside cuBLAS's epilogue. Outside torch.compile
+(and on the CPU, where Unsloth leaves PEFT's forward alone) nothing changes.
+
+MEDTUNE_LORA_ADDMM=1 keeps Unsloth's addmm: the benchmark's lever to measure this against.
+"""
+import os
+
+# The global of Unsloth's generated LoRA forward that picks the path while torch.compile traces it.
+FLAG = "torch_lora_no_compiled_addmm"
+KEEP_ADDMM = "MEDTUNE_LORA_ADDMM"
+
+
+def lora_forward_globals(model):
+    """The module namespaces of the LoRA forwards Unsloth generated for this model's LoRA layers (one per
+    PEFT layer class), [] where none is Unsloth's."""
+    found = {}
+    for module in model.modules():
+        if hasattr(module, "lora_A"):
+            space = getattr(type(module).forward, "__globals__", None)
+            if space is not None and FLAG in space:
+                found[id(space)] = space
+    return list(found.values())
+
+
+def add_in_compiled_kernels(model):
+    """Compiled blocks add LoRA's product in the kernel that reads the sum instead of by addmm (left as
+    Unsloth has it with MEDTUNE_LORA_ADDMM=1); the path taken now (path_of)."""
+    if os.environ.get(KEEP_ADDMM, "0") != "1":
+        for space in lora_forward_globals(model):
+            space[FLAG] = True
+    return path_of(model)
+
+
+def path_of(model):
+    """"kernel" or "addmm": how compiled blocks add LoRA's product; None where Unsloth's LoRA forward
+    is absent (the CPU)."""
+    spaces = lora_forward_globals(model)
+    if not spaces:
+        return None
+    return "kernel" if all(space[FLAG] for space in spaces) else "addmm"

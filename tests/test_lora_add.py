@@ -1,0 +1,91 @@
+"""medtune/train/lora_add.py: compiled blocks add LoRA's product without Unsloth's addmm.
+
+On the CPU Unsloth leaves PEFT's LoRA forward alone, so the check patches it as Unsloth does on a GPU
+(unsloth_zoo.compiler.patch_lora_forwards), in a process of its own: the patch is process-wide."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO
+
+CHECK = textwrap.dedent("""
+    import json, sys
+    import unsloth, torch
+    from unsloth_zoo.compiler import patch_lora_forwards
+    patch_lora_forwards({})
+    from peft import LoraConfig, get_peft_model
+    from medtune.train import lora_add
+
+    torch.manual_seed(0)
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(96, 64, bias=False)
+
+        def forward(self, x):
+            return self.down(torch.nn.functional.silu(self.up(x)))
+
+    model = get_peft_model(MLP(), LoraConfig(r=16, lora_alpha=32, target_modules=["up", "down"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # PEFT starts B at zero: the product would add nothing
+    x = torch.randn(2, 10, 64, requires_grad=True)
+
+    def step():
+        ops = []
+
+        def backend(gm, inputs):  # what Dynamo traced, then inductor as torch.compile runs it
+            ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+            from torch._inductor.compile_fx import compile_fx
+            return compile_fx(gm, inputs)
+
+        torch._dynamo.reset()
+        y = torch.compile(model, backend=backend)(x)
+        y.sum().backward()
+        grads = [x.grad.clone()] + [p.grad.clone() for n, p in model.named_parameters() if p.requires_grad]
+        x.grad = None
+        model.zero_grad()
+        return y.detach(), grads, ops
+
+    before = lora_add.path_of(model)
+    y0, g0, ops0 = step()
+    chosen = lora_add.add_in_compiled_kernels(model)
+    y1, g1, ops1 = step()
+    json.dump({"before": before, "chosen": chosen, "after": lora_add.path_of(model),
+               "addmm_before": sum("addmm" in o for o in ops0), "addmm_after": sum("addmm" in o for o in ops1),
+               "output": (y0 - y1).abs().max().item(), "scale": y0.abs().max().item(),
+               "grads": max((a - b).abs().max().item() for a, b in zip(g0, g1)), "n_grads": len(g0)},
+              open(sys.argv[1], "w"))
+""")
+
+
+def check(tmp_path, **env):
+    script, out = tmp_path / "check.py", tmp_path / "out.json"
+    script.write_text(CHECK)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "scripts"), **env}
+    r = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_compiled_blocks_add_lora_in_the_next_kernel_with_the_same_numbers(tmp_path):
+    r = check(tmp_path)
+    # Unsloth's forward traced addmm for both LoRA layers; switched, the traced graph holds none.
+    assert (r["before"], r["chosen"], r["after"]) == ("addmm", "kernel", "kernel")
+    assert r["addmm_before"] == 2 and r["addmm_after"] == 0
+    # The same output and gradients (input, every LoRA A and B) in float32.
+    assert r["n_grads"] == 5
+    assert r["output"] <= 1e-5 * r["scale"] and r["grads"] <= 1e-5
+
+
+@pytest.mark.slow
+def test_the_benchmark_lever_keeps_unsloths_addmm(tmp_path):
+    r = check(tmp_path, MEDTUNE_LORA_ADDMM="1")
+    assert (r["before"], r["chosen"], r["after"]) == ("addmm", "addmm", "addmm")
+    assert r["addmm_before"] == 2 and r["addmm_after"] == 2
