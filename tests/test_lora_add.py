@@ -1,4 +1,5 @@
-"""medtune/train/lora_add.py: compiled blocks add LoRA's product without Unsloth's addmm.
+"""medtune/train/lora_add.py: with MEDTUNE_LORA_ADD=kernel compiled blocks add LoRA's product without
+Unsloth's addmm (the benchmark's lever; not the default).
 
 On the CPU Unsloth leaves PEFT's LoRA forward alone, so the check patches it as Unsloth does on a GPU
 (unsloth_zoo.compiler.patch_lora_forwards), in a process of its own: the patch is process-wide."""
@@ -75,7 +76,7 @@ def check(tmp_path, **env):
 
 @pytest.mark.slow
 def test_compiled_blocks_add_lora_in_the_next_kernel_with_the_same_numbers(tmp_path):
-    r = check(tmp_path)
+    r = check(tmp_path, MEDTUNE_LORA_ADD="kernel")
     # Unsloth's forward traced addmm for both LoRA layers; switched, the traced graph holds none.
     assert (r["before"], r["chosen"], r["after"]) == ("addmm", "kernel", "kernel")
     assert r["addmm_before"] == 2 and r["addmm_after"] == 0
@@ -85,7 +86,7 @@ def test_compiled_blocks_add_lora_in_the_next_kernel_with_the_same_numbers(tmp_p
 
 
 @pytest.mark.slow
-def test_the_benchmark_lever_keeps_unsloths_addmm(tmp_path):
-    r = check(tmp_path, MEDTUNE_LORA_ADDMM="1")
+def test_by_default_unsloths_addmm_stays(tmp_path):
+    r = check(tmp_path)
     assert (r["before"], r["chosen"], r["after"]) == ("addmm", "addmm", "addmm")
     assert r["addmm_before"] == 2 and r["addmm_after"] == 2

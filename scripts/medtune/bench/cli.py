@@ -41,8 +41,8 @@ TUNING = [
     ("the previous defaults: Unsloth's offloaded checkpointing, 4-bit weights dequantized at each use", {"gradient_checkpointing": "unsloth"}),
     ("4-bit weights dequantized at each use (no 16-bit copies)", {"dequantize_once": "false"}),
     ("TRL best-fit packing, batch 4 x 2048 tokens", {"packing": True, "batch_size": 4}),
-    # medtune/train/lora_add.py: Unsloth's own LoRA sum in compiled blocks (a copy of the frozen product first).
-    ("LoRA's product added by Unsloth's addmm", {}, {"MEDTUNE_LORA_ADDMM": "1"}),
+    # medtune/train/lora_add.py: LoRA's sum inside the next compiled kernel instead of Unsloth's addmm.
+    ("LoRA's product summed in the compiled kernel after it, not by addmm", {}, {"MEDTUNE_LORA_ADD": "kernel"}),
 ]
 
 
