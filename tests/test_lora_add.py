@@ -90,3 +90,16 @@ def test_by_default_unsloths_addmm_stays(tmp_path):
     r = check(tmp_path)
     assert (r["before"], r["chosen"], r["after"]) == ("addmm", "addmm", "addmm")
     assert r["addmm_before"] == 2 and r["addmm_after"] == 2
+
+
+def test_a_bad_choice_is_refused_in_one_paragraph(monkeypatch):
+    import torch
+
+    from medtune.errors import UserError
+    from medtune.train import lora_add
+
+    monkeypatch.setenv("MEDTUNE_LORA_ADD", "Kernel")
+    with pytest.raises(UserError, match="MEDTUNE_LORA_ADD='Kernel' is not a choice: it takes kernel"):
+        lora_add.add_in_compiled_kernels(torch.nn.Linear(2, 2))
+    monkeypatch.setenv("MEDTUNE_LORA_ADD", "kernel")
+    assert lora_add.add_in_compiled_kernels(torch.nn.Linear(2, 2)) is None  # no LoRA forward of Unsloth's here

@@ -25,6 +25,8 @@ MEDTUNE_LORA_ADD=kernel turns it on: the benchmark's lever.
 """
 import os
 
+from medtune.errors import UserError
+
 # The global of Unsloth's generated LoRA forward that picks the path while torch.compile traces it.
 FLAG = "torch_lora_no_compiled_addmm"
 SWITCH = "MEDTUNE_LORA_ADD"
@@ -45,7 +47,11 @@ def lora_forward_globals(model):
 def add_in_compiled_kernels(model):
     """With MEDTUNE_LORA_ADD=kernel, compiled blocks add LoRA's product in the kernel that reads the sum
     instead of by addmm (else Unsloth's choice stands); the path taken now (path_of)."""
-    if os.environ.get(SWITCH, "addmm") == "kernel":
+    choice = os.environ.get(SWITCH, "addmm")
+    if choice not in ("addmm", "kernel"):
+        raise UserError(f"{SWITCH}={choice!r} is not a choice: it takes kernel (LoRA's product summed in the compiled "
+                        "kernel after it) or addmm (Unsloth's addmm, the default). Unset it or set one of those.")
+    if choice == "kernel":
         for space in lora_forward_globals(model):
             space[FLAG] = True
     return path_of(model)

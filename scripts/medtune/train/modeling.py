@@ -17,8 +17,8 @@ from medtune.config import resolve_path
 from medtune.errors import UserError
 from medtune.fileio import atomic_dir
 from medtune.families import linear_names, resolve_lora_targets
-from medtune.train import lora_add
 from medtune.offline_tokenizers import cache_dir, tokenizer_dir
+from medtune.train import lora_add
 
 
 def resolve_dtype(requested):
