@@ -176,3 +176,14 @@ def test_smoke_with_a_missing_or_broken_cache_says_how_to_rebuild_it(tmp_path, c
     for w in words[cache]:
         assert w in said, said[-3000:]
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_bad_lora_add_choice_is_refused_before_the_data_and_model_load(tmp_path, monkeypatch):
+    from medtune.train import cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the data and model were loaded before MEDTUNE_LORA_ADD was checked")
+
+    monkeypatch.setattr(cli, "prepare", no_loading)
+    monkeypatch.setenv("MEDTUNE_LORA_ADD", "fused")
+    fails(tmp_path, "mistral", words=["MEDTUNE_LORA_ADD='fused' is not a choice", "kernel", "addmm"])

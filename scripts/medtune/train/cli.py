@@ -59,6 +59,7 @@ def run(family_name, argv=None, callbacks=()):
     run_dir = Path(cfg.output_dir).expanduser() / cfg.run_name
     noise.divert("train" if distributed.is_main() else f"train-rank{distributed.rank()}", cfg.verbose)
     check_run_dir_path(run_dir)
+    lora_add.choice()
     cfg, checkpoint = check_run_dir(run_dir, cfg, given, script)
     if checkpoint and (done := nothing_left(run_dir, checkpoint, cfg)):
         say(done)

@@ -44,14 +44,20 @@ def lora_forward_globals(model):
     return list(found.values())
 
 
+def choice():
+    """MEDTUNE_LORA_ADD's value, "addmm" where unset; a UserError for anything else, so that training's
+    cheap checks refuse it before the model loads."""
+    value = os.environ.get(SWITCH, "addmm")
+    if value not in ("addmm", "kernel"):
+        raise UserError(f"{SWITCH}={value!r} is not a choice: it takes kernel (LoRA's product summed in the compiled "
+                        "kernel after it) or addmm (Unsloth's addmm, the default). Unset it or set one of those.")
+    return value
+
+
 def add_in_compiled_kernels(model):
     """With MEDTUNE_LORA_ADD=kernel, compiled blocks add LoRA's product in the kernel that reads the sum
     instead of by addmm (else Unsloth's choice stands); the path taken now (path_of)."""
-    choice = os.environ.get(SWITCH, "addmm")
-    if choice not in ("addmm", "kernel"):
-        raise UserError(f"{SWITCH}={choice!r} is not a choice: it takes kernel (LoRA's product summed in the compiled "
-                        "kernel after it) or addmm (Unsloth's addmm, the default). Unset it or set one of those.")
-    if choice == "kernel":
+    if choice() == "kernel":
         for space in lora_forward_globals(model):
             space[FLAG] = True
     return path_of(model)
