@@ -78,6 +78,8 @@ def ratios(entry):
 # Families FastLanguageModel hands to FastModel (transformers' modeling, compiled per block), as
 # this project's training loads every family; for the others it swaps in Unsloth's own forwards.
 SAME_LOADER = ("phi3", "gemma3")
+# How compiled blocks add LoRA's product where not by Unsloth's addmm (medtune/train/lora_add.py).
+LORA_ADD = {"kernel": "summed in the kernel after it", "pointwise": "computed elementwise in the kernel that adds it"}
 NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five"}
 SHORT = {"ours": "(a)", "notebook": "(b)", "baseline": "(c)", "notebook_2x4": "the reference"}
 
@@ -99,9 +101,9 @@ def where_gains_come_from(entry, family=None):
         if ours.get("dequantized_once"):
             differences.append("the frozen weights (16-bit copies dequantized once at load, against the 4-bit weights "
                                "dequantized by bitsandbytes in every forward and backward), also chosen from free memory")
-        if ours.get("lora_add") == "kernel":
-            differences.append("LoRA's sum (added to the frozen product inside the next compiled kernel, against "
-                               "Unsloth's addmm, which first copies the frozen product)")
+        if ours.get("lora_add") in LORA_ADD:
+            differences.append(f"LoRA's sum (the product {LORA_ADD[ours['lora_add']]}, against Unsloth's addmm, "
+                               "which first copies the frozen product)")
         if family not in SAME_LOADER:
             differences.append("the loader (this project loads through Unsloth's FastModel, whose per-block compiled "
                                "code attends over packed rows with varlen attention; the notebook's FastLanguageModel "
@@ -162,7 +164,7 @@ def tuning_table(entry, report):
     base = entry.get("runs", {}).get("ours")
     chosen = CHECKPOINTING.get((base or {}).get("gradient_checkpointing"), "?") + " checkpointing"
     chosen += ", 16-bit copies of the 4-bit weights" if (base or {}).get("dequantized_once") else ""
-    chosen += ", LoRA's product summed in the kernel after it" if (base or {}).get("lora_add") == "kernel" else ""
+    chosen += f", LoRA's product {LORA_ADD[(base or {}).get('lora_add')]}" if (base or {}).get("lora_add") in LORA_ADD else ""
     rows = [(f"defaults: {chosen} (auto)", base)] + [(t["change"], t) for t in entry.get("tuning") or []]
     lines = ["| change (each a run of this project's path) | trained tokens/s | vs defaults | s/step | peak reserved GiB | "
              "MFU (4N) | MFU (hardware) | first 20 losses vs defaults |", "|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -22,6 +22,12 @@ addmm at 14:23, another start) show why: LoRA's products went from 76.5 to 50.6 
 copies, but the fused kernels that now add read both products and write both sums, which the
 backward keeps (48.0 -> 67.8 ms of them): 450.6 against 456.1 ms of GPU time.
 MEDTUNE_LORA_ADD=kernel turns it on: the benchmark's lever.
+
+A third path, MEDTUNE_LORA_ADD=pointwise, takes the product itself into the kernel: the rank-r product
+is r multiply-adds an output element, so it is written as elementwise arithmetic (in float32, rounded
+once, as the addmm's epilogue does) that inductor fuses into the kernel that reads the sum, while the
+backward keeps addmm's two GEMMs (medtune/train/lowrank.py). Neither the frozen product's copy nor a tokens x out
+product is written: the frozen product is written once and read once.
 """
 import os
 
@@ -29,7 +35,9 @@ from medtune.errors import UserError
 
 # The global of Unsloth's generated LoRA forward that picks the path while torch.compile traces it.
 FLAG = "torch_lora_no_compiled_addmm"
+ADDMM = "torch_addmm"  # the global Unsloth's LoRA forward calls for the addmm
 SWITCH = "MEDTUNE_LORA_ADD"
+CHOICES = ("addmm", "kernel", "pointwise")
 
 
 def lora_forward_globals(model):
@@ -48,25 +56,36 @@ def choice():
     """MEDTUNE_LORA_ADD's value, "addmm" where unset; a UserError for anything else, so that training's
     cheap checks refuse it before the model loads."""
     value = os.environ.get(SWITCH, "addmm")
-    if value not in ("addmm", "kernel"):
+    if value not in CHOICES:
         raise UserError(f"{SWITCH}={value!r} is not a choice: it takes kernel (LoRA's product summed in the compiled "
-                        "kernel after it) or addmm (Unsloth's addmm, the default). Unset it or set one of those.")
+                        "kernel after it), pointwise (the product itself computed in that kernel) or addmm "
+                        "(Unsloth's addmm, the default). Unset it or set one of those.")
     return value
 
 
 def add_in_compiled_kernels(model):
     """With MEDTUNE_LORA_ADD=kernel, compiled blocks add LoRA's product in the kernel that reads the sum
-    instead of by addmm (else Unsloth's choice stands); the path taken now (path_of)."""
-    if choice() == "kernel":
-        for space in lora_forward_globals(model):
+    instead of by addmm; with pointwise, that kernel computes the product too; else Unsloth's choice stands.
+    The path taken now (path_of)."""
+    how = choice()
+    from medtune.train.lowrank import low_rank_addmm  # imports torch: not before the CLI's cheap checks
+
+    for space in lora_forward_globals(model) if how != "addmm" else ():
+        if how == "kernel":
             space[FLAG] = True
+        else:
+            space[ADDMM] = low_rank_addmm
     return path_of(model)
 
 
 def path_of(model):
-    """"kernel" or "addmm": how compiled blocks add LoRA's product; None where Unsloth's LoRA forward
-    is absent (the CPU)."""
+    """"kernel", "pointwise" or "addmm": how compiled blocks add LoRA's product; None where Unsloth's
+    LoRA forward is absent (the CPU)."""
+    from medtune.train.lowrank import low_rank_addmm
+
     spaces = lora_forward_globals(model)
     if not spaces:
         return None
-    return "kernel" if all(space[FLAG] for space in spaces) else "addmm"
+    if all(space[FLAG] for space in spaces):
+        return "kernel"
+    return "pointwise" if all(space.get(ADDMM) is low_rank_addmm for space in spaces) else "addmm"
