@@ -155,10 +155,10 @@ def test_report_names_the_loader_where_the_notebook_loads_a_family_otherwise():
     assert ("| defaults: none checkpointing, 16-bit copies of the 4-bit weights, LoRA's product summed in the kernel "
             "after it (auto) |") in render_markdown({**REPORT, "models": {"phi3": summed}})
     assert "three differences" in where_gains_come_from(summed, "phi3") and "LoRA's sum" in where_gains_come_from(summed, "phi3")
-    summed["runs"]["ours"]["lora_add"] = "pointwise"
-    assert ", LoRA's product computed elementwise in the kernel that adds it (auto) |" in render_markdown(
+    summed["runs"]["ours"]["lora_add"] = "triton"
+    assert ", LoRA's product added by a Triton kernel without the copy (auto) |" in render_markdown(
         {**REPORT, "models": {"phi3": summed}})
-    assert "LoRA's sum (the product computed elementwise" in where_gains_come_from(summed, "phi3")
+    assert "LoRA's sum (the product added by a Triton kernel" in where_gains_come_from(summed, "phi3")
     # An 80 GB card: auto trained Mistral's 8 rows a step as 4 x 2 to keep every activation.
     split = copy.deepcopy(copies)
     split["runs"]["ours"].update(batch_size=4, grad_accum=2)

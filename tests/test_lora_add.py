@@ -59,17 +59,20 @@ CHECK = textwrap.dedent("""
         torch._dynamo.reset()
         half, xh = copy.deepcopy(model).to(torch.bfloat16), x.detach().to(torch.bfloat16).requires_grad_()
         _, code = run_and_get_code(lambda: torch.compile(half)(xh).float().sum().backward())
-        return sum(c.count("addmm(") for c in code), code[0].count("extern_kernels.mm(")  # code[0]: the forward
+        return (sum(c.count("extern_kernels.addmm(") for c in code), code[0].count("extern_kernels.mm("),
+                code[0].count("= torch.ops.medtune.lora_addmm.default("))  # code[0]: the forward
 
     before = lora_add.path_of(model)
     y0, g0, ops0 = step()
-    code0, mm0 = generated_addmm()
+    code0, mm0, ours0 = generated_addmm()
     chosen = lora_add.add_in_compiled_kernels(model)
     y1, g1, ops1 = step()
-    code1, mm1 = generated_addmm()
+    code1, mm1, ours1 = generated_addmm()
     json.dump({"before": before, "chosen": chosen, "after": lora_add.path_of(model),
-               "addmm_before": sum("addmm" in o for o in ops0), "addmm_after": sum("addmm" in o for o in ops1),
+               "addmm_before": sum("method addmm" in o for o in ops0), "addmm_after": sum("method addmm" in o for o in ops1),
+               "ours_before": sum("medtune.lora_addmm" in o for o in ops0), "ours_after": sum("medtune.lora_addmm" in o for o in ops1),
                "code_addmm_before": code0, "code_addmm_after": code1, "forward_mm_before": mm0, "forward_mm_after": mm1,
+               "code_ours_before": ours0, "code_ours_after": ours1,
                "output": (y0 - y1).abs().max().item(), "scale": y0.abs().max().item(),
                "grads": max((a - b).abs().max().item() for a, b in zip(g0, g1)), "n_grads": len(g0)},
               open(sys.argv[1], "w"))
@@ -97,12 +100,13 @@ def test_compiled_blocks_add_lora_in_the_next_kernel_with_the_same_numbers(tmp_p
 
 
 @pytest.mark.slow
-def test_the_pointwise_path_computes_the_product_in_the_kernel_with_the_same_numbers(tmp_path):
-    r = check(tmp_path, MEDTUNE_LORA_ADD="pointwise")
-    assert (r["before"], r["chosen"], r["after"]) == ("addmm", "pointwise", "pointwise")
-    assert r["addmm_before"] == 2 and r["addmm_after"] == 0
-    # In bfloat16 the generated code loses the forward's two addmm (each copied the frozen product first),
-    # and its GEMMs are the frozen products and X @ A alone: B's product is in an elementwise kernel.
+def test_the_triton_path_calls_this_projects_operator_with_the_same_numbers(tmp_path):
+    r = check(tmp_path, MEDTUNE_LORA_ADD="triton")
+    assert (r["before"], r["chosen"], r["after"]) == ("addmm", "triton", "triton")
+    assert (r["addmm_before"], r["ours_before"]) == (2, 0) and (r["addmm_after"], r["ours_after"]) == (0, 2), r
+    # In bfloat16 the generated forward calls the operator for both LoRA sums instead of addmm (which
+    # copies the frozen product first); its GEMMs are the frozen products and X @ A.
+    assert (r["code_ours_before"], r["code_ours_after"]) == (0, 2), r
     assert r["code_addmm_after"] == r["code_addmm_before"] - 2, r
     assert (r["forward_mm_before"], r["forward_mm_after"]) == (4, 4), r
     assert r["n_grads"] == 5
@@ -125,6 +129,62 @@ def test_a_bad_choice_is_refused_in_one_paragraph(monkeypatch):
     monkeypatch.setenv("MEDTUNE_LORA_ADD", "Kernel")
     with pytest.raises(UserError, match="MEDTUNE_LORA_ADD='Kernel' is not a choice: it takes kernel"):
         lora_add.add_in_compiled_kernels(torch.nn.Linear(2, 2))
-    for how in ("kernel", "pointwise"):
+    for how in ("kernel", "triton"):
         monkeypatch.setenv("MEDTUNE_LORA_ADD", how)
         assert lora_add.add_in_compiled_kernels(torch.nn.Linear(2, 2)) is None  # no LoRA forward of Unsloth's here
+
+
+INTERPRETED = textwrap.dedent("""
+    import json, sys
+    import torch
+    from medtune.train.lowrank import triton_addmm
+
+    torch.manual_seed(0)
+    worst = {}
+    for dtype in (torch.float32, torch.float16):
+        # Shapes off the kernel's 64 x 128 tiles, ranks below, at and above its 16-wide dot, B as PEFT
+        # holds it (out x rank, passed transposed), a frozen product that is a strided view.
+        for m, n, k in ((130, 300, 8), (64, 128, 16), (7, 1030, 64), (200, 70, 24)):
+            wide = torch.randn(m, n + 5, dtype=dtype)
+            frozen, a, b = wide[:, 2:n + 2], torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+            out = triton_addmm(frozen, a, b.t(), 0.5)
+            exact = torch.addmm(frozen.double(), a.double(), b.t().double(), alpha=0.5)
+            err = ((out.double() - exact).abs() / (exact.abs() + 1)).max().item()
+            worst[str(dtype)] = max(worst.get(str(dtype), 0.0), err)
+            assert out.shape == frozen.shape and out.dtype == dtype and out.is_contiguous()
+    json.dump(worst, open(sys.argv[1], "w"))
+""")
+
+
+def test_the_triton_kernel_adds_the_low_rank_product_as_addmm_does(tmp_path):
+    """The kernel itself, run by Triton's interpreter on the CPU (no bfloat16 there: float32 and float16)."""
+    script, out = tmp_path / "kernel.py", tmp_path / "out.json"
+    script.write_text(INTERPRETED)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "scripts"), "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    worst = json.loads(out.read_text())
+    assert worst["torch.float32"] <= 1e-5 and worst["torch.float16"] <= 2e-3, worst  # float16: one rounding
+
+
+def test_the_operator_has_addmms_gradients_and_registrations():
+    import torch
+
+    from medtune.train.lowrank import copy_free_addmm, lora_addmm, suits
+
+    torch.manual_seed(0)
+    frozen, a, b = (torch.randn(12, 40, dtype=torch.float64, requires_grad=True),
+                    torch.randn(12, 8, dtype=torch.float64, requires_grad=True),
+                    torch.randn(40, 8, dtype=torch.float64, requires_grad=True))
+    assert not suits(frozen, a, b.t())  # on the CPU the operator is torch.addmm's arithmetic
+    ours = copy_free_addmm(frozen, a, b.t(), alpha=2.0)
+    grads = torch.autograd.grad(ours.square().sum(), (frozen, a, b))
+    theirs = torch.addmm(frozen, a, b.t(), alpha=2.0)
+    expected = torch.autograd.grad(theirs.square().sum(), (frozen, a, b))
+    assert torch.allclose(ours, theirs) and all(torch.allclose(x, y) for x, y in zip(grads, expected))
+    # Schema, fake tensor (torch.compile), autograd registration and gradients, as torch.library checks them.
+    torch.library.opcheck(lora_addmm, (frozen, a, b.t(), 2.0))
+    assert torch.autograd.gradcheck(lambda f, x, y: lora_addmm(f, x, y.t(), 0.5), (frozen, a, b))
+    # Anything but LoRA's 2-D sum with beta 1 is torch.addmm.
+    assert torch.equal(copy_free_addmm(frozen, a, b.t(), alpha=2.0, beta=0.5),
+                       torch.addmm(frozen, a, b.t(), alpha=2.0, beta=0.5))

@@ -43,7 +43,7 @@ TUNING = [
     ("TRL best-fit packing, batch 4 x 2048 tokens", {"packing": True, "batch_size": 4}),
     # medtune/train/lora_add.py: LoRA's sum inside the next compiled kernel instead of Unsloth's addmm.
     ("LoRA's product summed in the compiled kernel after it, not by addmm", {}, {"MEDTUNE_LORA_ADD": "kernel"}),
-    ("LoRA's product computed elementwise in that kernel, not by GEMMs", {}, {"MEDTUNE_LORA_ADD": "pointwise"}),
+    ("LoRA's sum by this project's Triton kernel, without addmm's copy", {}, {"MEDTUNE_LORA_ADD": "triton"}),
 ]
 
 

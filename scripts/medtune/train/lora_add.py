@@ -23,11 +23,11 @@ copies, but the fused kernels that now add read both products and write both sum
 backward keeps (48.0 -> 67.8 ms of them): 450.6 against 456.1 ms of GPU time.
 MEDTUNE_LORA_ADD=kernel turns it on: the benchmark's lever.
 
-A third path, MEDTUNE_LORA_ADD=pointwise, takes the product itself into the kernel: the rank-r product
-is r multiply-adds an output element, so it is written as elementwise arithmetic (in float32, rounded
-once, as the addmm's epilogue does) that inductor fuses into the kernel that reads the sum, while the
-backward keeps addmm's two GEMMs (medtune/train/lowrank.py). Neither the frozen product's copy nor a tokens x out
-product is written: the frozen product is written once and read once.
+MEDTUNE_LORA_ADD=triton adds the product by this project's Triton kernel instead (medtune/train/lowrank.py):
+one pass that reads the frozen product and writes the sum, with no copy first and no product written.
+A third path, the product itself as elementwise multiply-adds inside the compiled kernel, was measured
+and dropped: on an H100 80GB (2026-12-06 17:50 UTC) Mistral ran 0.45x and Phi-3 0.43x of the defaults,
+as inductor's kernels loaded both factors' 16 values for every output element.
 """
 import os
 
@@ -37,7 +37,7 @@ from medtune.errors import UserError
 FLAG = "torch_lora_no_compiled_addmm"
 ADDMM = "torch_addmm"  # the global Unsloth's LoRA forward calls for the addmm
 SWITCH = "MEDTUNE_LORA_ADD"
-CHOICES = ("addmm", "kernel", "pointwise")
+CHOICES = ("addmm", "kernel", "triton")
 
 
 def lora_forward_globals(model):
@@ -58,34 +58,34 @@ def choice():
     value = os.environ.get(SWITCH, "addmm")
     if value not in CHOICES:
         raise UserError(f"{SWITCH}={value!r} is not a choice: it takes kernel (LoRA's product summed in the compiled "
-                        "kernel after it), pointwise (the product itself computed in that kernel) or addmm "
+                        "kernel after it), triton (this project's kernel: the sum in one pass, without the copy) or addmm "
                         "(Unsloth's addmm, the default). Unset it or set one of those.")
     return value
 
 
 def add_in_compiled_kernels(model):
     """With MEDTUNE_LORA_ADD=kernel, compiled blocks add LoRA's product in the kernel that reads the sum
-    instead of by addmm; with pointwise, that kernel computes the product too; else Unsloth's choice stands.
+    instead of by addmm; with triton, this project's kernel adds it without the copy; else Unsloth's choice stands.
     The path taken now (path_of)."""
     how = choice()
-    from medtune.train.lowrank import low_rank_addmm  # imports torch: not before the CLI's cheap checks
+    from medtune.train.lowrank import copy_free_addmm  # imports torch: not before the CLI's cheap checks
 
     for space in lora_forward_globals(model) if how != "addmm" else ():
         if how == "kernel":
             space[FLAG] = True
         else:
-            space[ADDMM] = low_rank_addmm
+            space[ADDMM] = copy_free_addmm
     return path_of(model)
 
 
 def path_of(model):
-    """"kernel", "pointwise" or "addmm": how compiled blocks add LoRA's product; None where Unsloth's
+    """"kernel", "triton" or "addmm": how compiled blocks add LoRA's product; None where Unsloth's
     LoRA forward is absent (the CPU)."""
-    from medtune.train.lowrank import low_rank_addmm
+    from medtune.train.lowrank import copy_free_addmm
 
     spaces = lora_forward_globals(model)
     if not spaces:
         return None
     if all(space[FLAG] for space in spaces):
         return "kernel"
-    return "pointwise" if all(space.get(ADDMM) is low_rank_addmm for space in spaces) else "addmm"
+    return "triton" if all(space.get(ADDMM) is copy_free_addmm for space in spaces) else "addmm"
