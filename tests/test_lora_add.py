@@ -188,3 +188,28 @@ def test_the_operator_has_addmms_gradients_and_registrations():
     # Anything but LoRA's 2-D sum with beta 1 is torch.addmm.
     assert torch.equal(copy_free_addmm(frozen, a, b.t(), alpha=2.0, beta=0.5),
                        torch.addmm(frozen, a, b.t(), alpha=2.0, beta=0.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="the compiled Triton kernel needs a CUDA GPU")
+def test_the_triton_kernel_on_a_gpu_in_bfloat16():
+    """What the interpreter cannot run: bfloat16, tensor-core dots, Mistral's and Phi-3's shapes."""
+    import torch
+
+    from medtune.train.lowrank import copy_free_addmm, suits, triton_addmm
+
+    torch.manual_seed(0)
+    for m, n, k in ((8192, 14336, 16), (9050, 9216, 16), (333, 1000, 8), (4000, 4096, 64)):
+        frozen = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+        a, b = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        assert suits(frozen, a, b.t())
+        exact = torch.addmm(frozen.double(), a.double(), b.t().double(), alpha=2.0)
+        ours = (triton_addmm(frozen, a, b.t(), 2.0).double() - exact).abs() / (exact.abs() + 1)
+        theirs = (torch.addmm(frozen, a, b.t(), alpha=2.0).double() - exact).abs() / (exact.abs() + 1)
+        assert ours.max() <= max(1.5 * theirs.max().item(), 8e-3), (m, n, k, ours.max(), theirs.max())
+    leaves = [t.requires_grad_() for t in (frozen, a, b)]
+    g = torch.randn_like(frozen)
+    ours = torch.autograd.grad((copy_free_addmm(frozen, a, b.t(), alpha=2.0) * g).sum(), leaves)
+    theirs = torch.autograd.grad((torch.addmm(frozen, a, b.t(), alpha=2.0) * g).sum(), leaves)
+    # The backward is addmm's own GEMMs: the same gradients up to the order of bfloat16 rounding.
+    assert all(((x - y).abs().max() <= 1e-2 * y.abs().max()).item() for x, y in zip(ours, theirs))
