@@ -184,6 +184,8 @@ def test_the_operator_has_addmms_gradients_and_registrations():
     assert torch.allclose(ours, theirs) and all(torch.allclose(x, y) for x, y in zip(grads, expected))
     # Schema, fake tensor (torch.compile), autograd registration and gradients, as torch.library checks them.
     torch.library.opcheck(lora_addmm, (frozen, a, b.t(), 2.0))
+    transposed = torch.randn(40, 12, dtype=torch.float64).t().requires_grad_()  # dense, not row-major
+    torch.library.opcheck(lora_addmm, (transposed, a, b.t(), 2.0))
     assert torch.autograd.gradcheck(lambda f, x, y: lora_addmm(f, x, y.t(), 0.5), (frozen, a, b))
     # Anything but LoRA's 2-D sum with beta 1 is torch.addmm.
     assert torch.equal(copy_free_addmm(frozen, a, b.t(), alpha=2.0, beta=0.5),

@@ -7,6 +7,8 @@ buffer that must first hold input (a device-to-device copy of tokens x out featu
 again. A custom operator (medtune::lora_addmm): torch.compile calls it as it is, and its backward is
 addmm's (the input's gradient passed on, two GEMMs for the factors).
 """
+import functools
+
 import torch
 
 # Up to this rank one dot of a tile holds the whole product; above it torch.addmm does the work.
@@ -54,19 +56,25 @@ def triton_addmm(input, mat1, mat2, alpha):
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _ampere_or_newer(index):
+    return torch.cuda.get_device_capability(index)[0] >= 8
+
+
 def suits(input, mat1, mat2):
     """Whether the kernel takes this sum: 2-D half-precision tensors of one dtype on an Ampere or newer GPU,
     a rank up to MAX_RANK; the rest goes to torch.addmm."""
     return (input.dim() == mat1.dim() == mat2.dim() == 2 and input.dtype in DTYPES
             and input.dtype == mat1.dtype == mat2.dtype and mat1.shape[1] <= MAX_RANK
-            and input.device.type == "cuda" and torch.cuda.get_device_capability(input.device)[0] >= 8)
+            and input.device.type == "cuda" and _ampere_or_newer(input.device.index or 0))
 
 
 @torch.library.custom_op("medtune::lora_addmm", mutates_args=())
 def lora_addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, alpha: float) -> torch.Tensor:
     if suits(input, mat1, mat2):
         return triton_addmm(input, mat1, mat2, alpha)
-    return torch.addmm(input, mat1, mat2, alpha=alpha)
+    # Laid out as the kernel's output and the fake tensor below (torch.compile checks the strides).
+    return torch.addmm(input, mat1, mat2, alpha=alpha, out=torch.empty_like(input))
 
 
 @lora_addmm.register_fake
