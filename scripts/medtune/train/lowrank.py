@@ -61,11 +61,16 @@ def _ampere_or_newer(index):
     return torch.cuda.get_device_capability(index)[0] >= 8
 
 
+def _last_offset(t):
+    return sum((size - 1) * step for size, step in zip(t.shape, t.stride()))
+
+
 def suits(input, mat1, mat2):
     """Whether the kernel takes this sum: 2-D half-precision tensors of one dtype on an Ampere or newer GPU,
-    a rank up to MAX_RANK; the rest goes to torch.addmm."""
+    a rank up to MAX_RANK, offsets that fit the kernel's 32-bit arithmetic; the rest goes to torch.addmm."""
     return (input.dim() == mat1.dim() == mat2.dim() == 2 and input.dtype in DTYPES
             and input.dtype == mat1.dtype == mat2.dtype and mat1.shape[1] <= MAX_RANK
+            and max(_last_offset(t) for t in (input, mat1, mat2)) < 2**31
             and input.device.type == "cuda" and _ampere_or_newer(input.device.index or 0))
 
 
