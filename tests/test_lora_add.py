@@ -79,13 +79,18 @@ CHECK = textwrap.dedent("""
 """)
 
 
-def check(tmp_path, **env):
+def run_script(tmp_path, source, timeout, **env):
+    """Run source in a process of its own (the patches it makes are process-wide); the JSON it writes."""
     script, out = tmp_path / "check.py", tmp_path / "out.json"
-    script.write_text(CHECK)
+    script.write_text(source)
     env = {**os.environ, "PYTHONPATH": str(REPO / "scripts"), **env}
-    r = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, env=env, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+def check(tmp_path, **env):
+    return run_script(tmp_path, CHECK, 600, **env)
 
 
 @pytest.mark.slow
@@ -158,12 +163,7 @@ INTERPRETED = textwrap.dedent("""
 
 def test_the_triton_kernel_adds_the_low_rank_product_as_addmm_does(tmp_path):
     """The kernel itself, run by Triton's interpreter on the CPU (no bfloat16 there: float32 and float16)."""
-    script, out = tmp_path / "kernel.py", tmp_path / "out.json"
-    script.write_text(INTERPRETED)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "scripts"), "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    worst = json.loads(out.read_text())
+    worst = run_script(tmp_path, INTERPRETED, 300, TRITON_INTERPRET="1")
     assert worst["torch.float32"] <= 1e-5 and worst["torch.float16"] <= 2e-3, worst  # float16: one rounding
 
 
