@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO
 
 CHECK = textwrap.dedent("""
-    import copy, json, sys
+    import copy, json, os, sys
     import unsloth, torch
     from unsloth_zoo.compiler import patch_lora_forwards
     patch_lora_forwards({})
@@ -68,7 +68,10 @@ CHECK = textwrap.dedent("""
     chosen = lora_add.add_in_compiled_kernels(model)
     y1, g1, ops1 = step()
     code1, mm1, ours1 = generated_addmm()
-    json.dump({"before": before, "chosen": chosen, "after": lora_add.path_of(model),
+    after = lora_add.path_of(model)
+    os.environ["MEDTUNE_LORA_ADD"] = "addmm"  # a later model in the same process, with the default
+    again = lora_add.add_in_compiled_kernels(model)
+    json.dump({"before": before, "chosen": chosen, "after": after, "again": again,
                "addmm_before": sum("method addmm" in o for o in ops0), "addmm_after": sum("method addmm" in o for o in ops1),
                "ours_before": sum("medtune.lora_addmm" in o for o in ops0), "ours_after": sum("medtune.lora_addmm" in o for o in ops1),
                "code_addmm_before": code0, "code_addmm_after": code1, "forward_mm_before": mm0, "forward_mm_after": mm1,
@@ -98,6 +101,7 @@ def test_compiled_blocks_add_lora_in_the_next_kernel_with_the_same_numbers(tmp_p
     r = check(tmp_path, MEDTUNE_LORA_ADD="kernel")
     # Unsloth's forward traced addmm for both LoRA layers; switched, the traced graph holds none.
     assert (r["before"], r["chosen"], r["after"]) == ("addmm", "kernel", "kernel")
+    assert r["again"] == "addmm"  # set back to Unsloth's own for a later model in the same process
     assert r["addmm_before"] == 2 and r["addmm_after"] == 0
     # The same output and gradients (input, every LoRA A and B) in float32.
     assert r["n_grads"] == 5
@@ -108,6 +112,7 @@ def test_compiled_blocks_add_lora_in_the_next_kernel_with_the_same_numbers(tmp_p
 def test_the_triton_path_calls_this_projects_operator_with_the_same_numbers(tmp_path):
     r = check(tmp_path, MEDTUNE_LORA_ADD="triton")
     assert (r["before"], r["chosen"], r["after"]) == ("addmm", "triton", "triton")
+    assert r["again"] == "addmm"
     assert (r["addmm_before"], r["ours_before"]) == (2, 0) and (r["addmm_after"], r["ours_after"]) == (0, 2), r
     # In bfloat16 the generated forward calls the operator for both LoRA sums instead of addmm (which
     # copies the frozen product first); its GEMMs are the frozen products and X @ A.

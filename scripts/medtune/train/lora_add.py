@@ -36,6 +36,7 @@ from medtune.errors import UserError
 # The global of Unsloth's generated LoRA forward that picks the path while torch.compile traces it.
 FLAG = "torch_lora_no_compiled_addmm"
 ADDMM = "torch_addmm"  # the global Unsloth's LoRA forward calls for the addmm
+ORIGINAL = "_medtune_unsloth_lora_add"  # where Unsloth's own (FLAG, ADDMM) are kept in that namespace
 SWITCH = "MEDTUNE_LORA_ADD"
 CHOICES = ("addmm", "kernel", "triton")
 
@@ -70,10 +71,13 @@ def add_in_compiled_kernels(model):
     how = choice()
     from medtune.train.lowrank import copy_free_addmm  # imports torch: not before the CLI's cheap checks
 
-    for space in lora_forward_globals(model) if how != "addmm" else ():
+    # The globals are the process's: Unsloth's own values are kept the first time and put back before
+    # each choice, so that a later model in the same process (a notebook) takes its own setting.
+    for space in lora_forward_globals(model):
+        space[FLAG], space[ADDMM] = space.setdefault(ORIGINAL, (space[FLAG], space[ADDMM]))
         if how == "kernel":
             space[FLAG] = True
-        else:
+        elif how == "triton":
             space[ADDMM] = copy_free_addmm
     return path_of(model)
 
