@@ -25,6 +25,11 @@ MEDTUNE_LORA_ADD=kernel turns it on: the benchmark's lever.
 
 MEDTUNE_LORA_ADD=triton adds the product by this project's Triton kernel instead (medtune/train/lowrank.py):
 one pass that reads the frozen product and writes the sum, with no copy first and no product written.
+It is not the default either. On an H100 80GB (2026-12-06 21:45-21:53 UTC, one start, the defaults run
+before and after it): Mistral's steps took a median 3-4% less time (faster in 14 of 15 steps), but the
+run's tokens/s rose only 0.9-2.1% (15,471 against 15,155 and 15,333: one slow step), about the 1% by
+which the two runs of the defaults differ; Phi-3 gained nothing (25,339 against 25,651 and 26,204,
+median step 0.3-1.2% slower). The same losses (0.012%).
 A third path, the product itself as elementwise multiply-adds inside the compiled kernel, was measured
 and dropped: on an H100 80GB (2026-12-06 17:50 UTC) Mistral ran 0.45x and Phi-3 0.43x of the defaults,
 as inductor's kernels loaded both factors' 16 values for every output element.

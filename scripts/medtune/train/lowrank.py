@@ -6,6 +6,11 @@ slices of mat1 and mat2, one tensor-core dot, and the add. torch.addmm with beta
 buffer that must first hold input (a device-to-device copy of tokens x out features), then reads it
 again. A custom operator (medtune::lora_addmm): torch.compile calls it as it is, and its backward is
 addmm's (the input's gradient passed on, two GEMMs for the factors).
+
+On an H100 80GB (2026-12-06 21:45 UTC, data/benchmark/h100-2026-12-06-triton.json), in bfloat16 on
+Mistral's gate/up shape (8,192 tokens x 14,336 features, rank 16): 0.167 ms against torch.addmm's
+0.404 ms, about the time of a plain copy of the frozen product (0.158 ms); error against float64 0.0035
+(addmm's 0.015). On the narrowest shape (1,024 features) it is slower than addmm (0.028 against 0.023 ms).
 """
 import functools
 
