@@ -79,11 +79,10 @@ def add_in_compiled_kernels(model):
     # The globals are the process's: Unsloth's own values are kept the first time and put back before
     # each choice, so that a later model in the same process (a notebook) takes its own setting.
     for space in lora_forward_globals(model):
-        space[FLAG], space[ADDMM] = space.setdefault(ORIGINAL, (space[FLAG], space[ADDMM]))
-        if how == "kernel":
-            space[FLAG] = True
-        elif how == "triton":
-            space[ADDMM] = copy_free_addmm
+        flag, addmm = space.setdefault(ORIGINAL, (space[FLAG], space.get(ADDMM)))
+        space[FLAG] = True if how == "kernel" else flag
+        if addmm is not None:  # a forward without Unsloth's addmm keeps its own (path_of then says addmm)
+            space[ADDMM] = copy_free_addmm if how == "triton" else addmm
     return path_of(model)
 
 
