@@ -144,6 +144,24 @@ def test_a_bad_choice_is_refused_in_one_paragraph(monkeypatch):
         assert lora_add.add_in_compiled_kernels(torch.nn.Linear(2, 2)) is None  # no LoRA forward of Unsloth's here
 
 
+def test_a_lora_forward_without_unsloths_addmm_global_keeps_its_own(monkeypatch):
+    """A generated forward that has Unsloth's path flag but no torch_addmm (not the pinned Unsloth's):
+    the flag still switches, and no addmm is put in (nor a KeyError raised) on any choice."""
+    import torch
+
+    from medtune.train import lora_add
+
+    space = {lora_add.FLAG: False}
+    exec("def forward(self, x):\n    return x", space)
+    layer = type("Layer", (torch.nn.Module,), {"forward": space["forward"]})()
+    layer.lora_A = torch.nn.ModuleDict()
+    for how, path in (("triton", "addmm"), ("kernel", "kernel"), ("addmm", "addmm")):
+        monkeypatch.setenv("MEDTUNE_LORA_ADD", how)
+        assert lora_add.add_in_compiled_kernels(layer) == path
+        assert lora_add.ADDMM not in space
+    assert space[lora_add.FLAG] is False
+
+
 INTERPRETED = textwrap.dedent("""
     import json, sys
     import torch
