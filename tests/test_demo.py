@@ -93,7 +93,7 @@ def server(answering_exports):
 
 @pytest.fixture(scope="module")
 def random_export(smoke_runs, tmp_path_factory):
-    """The quickstart's random-weight Phi-3, exported: it writes 2048 tokens of noise, stray bytes included."""
+    """The quickstart's random-weight Phi-3, exported: it writes 2048 tokens of noise."""
     import shutil
 
     from medtune.export.cli import export, parse_args
@@ -304,7 +304,7 @@ def test_chat_stats_count_the_tokens_generated(server, answering_export):
     assert counted["llama.cpp"] == counted["transformers"] < 48, counted
 
 
-STRAY_BYTES_QUESTION = "Chest pain and ST elevation. What now?"  # the random model answers it with a lone byte
+STRAY_BYTES_QUESTION = "Chest pain and ST elevation. What now?"  # the random model answers it at length
 
 
 def test_llama_cpp_stream_decodes_each_token_once_whatever_the_bytes(random_export):
@@ -315,14 +315,33 @@ def test_llama_cpp_stream_decodes_each_token_once_whatever_the_bytes(random_expo
 
     from medtune.demo.backends import GGUFBackend, Settings
 
+    import numpy as np
+
     backend = GGUFBackend(random_export / "phi3-smoke-q4_k_m.gguf")
     messages = [{"role": "system", "content": SETTINGS[0]}, {"role": "user", "content": STRAY_BYTES_QUESTION}]
+    # Which bytes a random model writes depends on the CPU's arithmetic (an AVX2-only machine answered
+    # in valid UTF-8), so llama.cpp's sampler is made to write a lone lead byte, then " the", as the
+    # first two tokens; the model writes the rest.
+    lone = next(t for t in range(512) if backend.llm.detokenize([t]) == b"\xe2")
+    word = backend.llm.tokenize(b" the", add_bos=False)[-1]
+    start = len(backend.prompt_ids(messages))
+
+    def force(ids, scores):  # ids is llama.cpp's whole buffer: n_tokens says how many are in use
+        forced = {0: lone, 1: word}.get(backend.llm.n_tokens - start)
+        if forced is not None:
+            scores[:] = -np.inf
+            scores[forced] = 0.0
+        return scores
+
+    generate = backend.llm.generate
+    backend.llm.generate = lambda *a, **k: generate(*a, **k, logits_processor=[force])
     tokens = []
     for t in backend.llm.generate(backend.prompt_ids(messages), temp=0.0, top_k=40, min_p=0.05, repeat_penalty=1.0):
         if t in backend.end_tokens or len(tokens) == 256:
             break
         tokens.append(t)
     raw = b"".join(backend.llm.detokenize([t]) for t in tokens)
+    assert tokens[:2] == [lone, word] and len(tokens) > 2
     with pytest.raises(UnicodeDecodeError):
         raw.decode("utf-8")  # the case at hand: bytes that never become a character
 
