@@ -23,7 +23,17 @@ EVAL_ARGS = ["--offline", "--mode", "generate,loglik", "--compare-base", "--limi
 def pytest_collection_modifyitems(config, items):
     """Unsloth patches transformers, TRL and PEFT when it is imported, so it must come before them, as in
     the scripts; it is imported only when a selected test needs a model, so the fast set stays light.
-    Test modules therefore import transformers, TRL and PEFT inside their tests, not at the top."""
+    Test modules therefore import transformers, TRL and PEFT inside their tests, not at the top.
+
+    Tests marked `real` (the 48-step training of the real Gemma-3-270M and what is built on it: 16 to 45
+    minutes on 2 cores, by the machine's vector units) run only where -m names them: `pytest -m real`."""
+    if "real" not in (config.getoption("markexpr") or ""):
+        skip = pytest.mark.skip(reason="the real Gemma-3-270M's 48-step training and the tests built on it run with "
+                                       "`pytest -m real` (16-45 min on 2 cores)")
+        for item in items:
+            if item.get_closest_marker("real"):
+                item.add_marker(skip)
+        items = [item for item in items if not item.get_closest_marker("real")]
     if not any(item.get_closest_marker(m) for item in items for m in MODEL_MARKERS):
         return
     early = [m for m in ("transformers", "trl", "peft") if m in __import__("sys").modules]

